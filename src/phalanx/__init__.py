@@ -1,0 +1,68 @@
+"""phalanx: write a training function once, run it on N ranked processes anywhere.
+
+    import phalanx as px
+    px.launch(train, 0.1, platform=px.Platform(device="cpu", n_procs=2))
+"""
+
+from __future__ import annotations
+
+from phalanx.dist import (
+    all_gather,
+    all_reduce,
+    barrier,
+    broadcast_from_master,
+    device,
+    get_local_rank,
+    get_local_world_size,
+    get_node_rank,
+    get_rank,
+    get_world_size,
+    is_distributed,
+    is_master,
+)
+from phalanx.errors import (
+    LaunchError,
+    PhalanxError,
+    PlatformError,
+    RankFailure,
+    SerializationError,
+    WorkerError,
+)
+from phalanx.launch import launch
+from phalanx.platform import Platform
+from phalanx.seeding import seed_everything
+from phalanx.wrapper import Wrapper, wrapper
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Platform",
+    "launch",
+    "Wrapper",
+    "wrapper",
+    "PhalanxError",
+    "PlatformError",
+    "LaunchError",
+    "SerializationError",
+    "WorkerError",
+    "RankFailure",
+    "get_rank",
+    "get_local_rank",
+    "get_world_size",
+    "get_local_world_size",
+    "get_node_rank",
+    "is_master",
+    "is_distributed",
+    "device",
+    "barrier",
+    "broadcast_from_master",
+    "all_gather",
+    "all_reduce",
+    "seed_everything",
+]
+
+# Last, once everything above exists: take the clean copy of this interpreter that workers are
+# forked from, while it is still clean (see phalanx.zygote).
+from phalanx import zygote as _zygote  # noqa: E402
+
+_zygote.prestart()

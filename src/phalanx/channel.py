@@ -1,0 +1,102 @@
+"""Length-prefixed frames over pipes and sockets, and the pickling that names what failed.
+
+Control messages (small dicts of plain values) use the standard pickle; user objects (the
+function, its arguments, return values, exceptions) use cloudpickle so that lambdas, closures
+and functions defined in `__main__` or a notebook cell travel by value.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import cloudpickle
+
+from phalanx.errors import SerializationError
+
+__all__ = ["FrameReader", "write_frame", "encode", "decode", "dumps_call", "dumps_value"]
+
+_HEADER = struct.Struct("!Q")
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode(frame: bytes) -> dict[str, Any]:
+    return pickle.loads(frame)
+
+
+def write_frame(fd: int, data: bytes) -> None:
+    """Write one frame to a blocking descriptor, all of it."""
+    view = memoryview(_HEADER.pack(len(data)) + data) if len(data) < 1 << 16 else None
+    if view is None:
+        _write_all(fd, memoryview(_HEADER.pack(len(data))))
+        view = memoryview(data)
+    _write_all(fd, view)
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class FrameReader:
+    """Collects bytes as they arrive and hands out whole frames."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        self._buffer += data
+        while len(self._buffer) >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(self._buffer)
+            end = _HEADER.size + size
+            if len(self._buffer) < end:
+                return
+            frame = bytes(self._buffer[_HEADER.size : end])
+            del self._buffer[:end]
+            yield frame
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} of type {type(value).__module__}.{type(value).__qualname__}"
+
+
+def dumps_call(fn: Any, args: tuple, kwargs: dict[str, Any]) -> bytes:
+    """Pickle `fn(*args, **kwargs)` for the workers; an unpicklable piece is named in the error."""
+    try:
+        return cloudpickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as error:
+        pieces = [("the function", fn)]
+        pieces += [(f"positional argument {index}", value) for index, value in enumerate(args)]
+        pieces += [(f"keyword argument {name!r}", value) for name, value in kwargs.items()]
+        for label, value in pieces:
+            try:
+                cloudpickle.dumps(value)
+            except Exception as piece_error:
+                raise SerializationError(
+                    f"{label} ({_describe(value)}) cannot be sent to the ranks: "
+                    f"{type(piece_error).__name__}: {piece_error}. Pass something picklable instead "
+                    "(for example a path or the arguments to build it inside the function)."
+                ) from piece_error
+        raise SerializationError(f"the call cannot be pickled: {type(error).__name__}: {error}") from error
+
+
+def dumps_value(value: Any, what: str) -> bytes:
+    """Pickle a value for the caller; `what` names it in the error ("the return value of rank 1")."""
+    try:
+        return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as error:
+        raise SerializationError(
+            f"{what} ({_describe(value)}) cannot be sent back to the caller: "
+            f"{type(error).__name__}: {error}. Return something picklable (tensors, numbers, "
+            "dicts, lists, dataclasses)."
+        ) from error

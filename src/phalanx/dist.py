@@ -1,0 +1,199 @@
+"""Rank helpers and collectives that work the same with or without a process group.
+
+Inside a launched rank they answer for that rank; in plain single-process code they behave
+as world size 1 (rank 0, collectives return their input), so a training function runs
+unchanged in both.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "get_rank",
+    "get_local_rank",
+    "get_world_size",
+    "get_local_world_size",
+    "get_node_rank",
+    "is_master",
+    "is_distributed",
+    "device",
+    "barrier",
+    "broadcast_from_master",
+    "all_gather",
+    "all_reduce",
+]
+
+_REDUCE_OPS = {
+    "sum": dist.ReduceOp.SUM,
+    "mean": dist.ReduceOp.SUM,  # summed, then divided: not every backend has AVG
+    "max": dist.ReduceOp.MAX,
+    "min": dist.ReduceOp.MIN,
+    "product": dist.ReduceOp.PRODUCT,
+}
+
+
+class _RankState:
+    device: torch.device | None = None
+    local_rank: int | None = None
+    local_world_size: int | None = None
+    node_rank: int | None = None
+
+
+_state = _RankState()
+
+
+def _enter_rank(rank_device: torch.device, local_rank: int, local_world_size: int, node_rank: int) -> None:
+    _state.device = rank_device
+    _state.local_rank = local_rank
+    _state.local_world_size = local_world_size
+    _state.node_rank = node_rank
+
+
+def _leave_rank() -> None:
+    _state.device = _state.local_rank = _state.local_world_size = _state.node_rank = None
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ[name])
+    except (KeyError, ValueError):
+        return default
+
+
+def is_distributed() -> bool:
+    """True inside a process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    """This process's global rank (0 when nothing is distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return _env_int("RANK", 0)
+
+
+def get_world_size() -> int:
+    """Number of ranks in the job (1 when nothing is distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return _env_int("WORLD_SIZE", 1)
+
+
+def get_local_rank() -> int:
+    """This process's rank on its node."""
+    return _state.local_rank if _state.local_rank is not None else _env_int("LOCAL_RANK", 0)
+
+
+def get_local_world_size() -> int:
+    """Number of ranks on this node."""
+    if _state.local_world_size is not None:
+        return _state.local_world_size
+    return _env_int("LOCAL_WORLD_SIZE", 1)
+
+
+def get_node_rank() -> int:
+    """This node's index in the job."""
+    if _state.node_rank is not None:
+        return _state.node_rank
+    return _env_int("NODE_RANK", _env_int("GROUP_RANK", 0))
+
+
+def is_master() -> bool:
+    """True on global rank 0, the rank that writes files and logs."""
+    return get_rank() == 0
+
+
+def device() -> torch.device:
+    """The device this rank computes on (the best available one outside a launch)."""
+    if _state.device is not None:
+        return _state.device
+    from phalanx.platform import default_device_type
+
+    kind = default_device_type()
+    if kind in ("cpu", "mps"):
+        return torch.device(kind)
+    return torch.device(kind, get_local_rank() % max(1, getattr(torch, kind).device_count()))
+
+
+def barrier() -> None:
+    """Wait until every rank gets here."""
+    if is_distributed():
+        dist.barrier()
+
+
+def _collective_device() -> torch.device:
+    """Where tensors must be for the group's backend: gloo and mpi work on CPU tensors only."""
+    backend = dist.get_backend()
+    return torch.device("cpu") if backend in ("gloo", "mpi") else device()
+
+
+def broadcast_from_master(obj: Any) -> Any:
+    """Return rank 0's `obj` on every rank (any picklable object, tensors included)."""
+    if not is_distributed():
+        return obj
+    box = [obj if is_master() else None]
+    dist.broadcast_object_list(box, src=0, device=_collective_device())
+    return box[0]
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's `obj`, as a list indexed by rank.
+
+    Tensors are gathered with a tensor collective (shapes may differ between ranks) and come
+    back on this rank's device; other objects are pickled.
+    """
+    if not is_distributed():
+        return [obj]
+    if isinstance(obj, torch.Tensor):
+        return _all_gather_tensor(obj)
+    gathered: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _all_gather_tensor(tensor: torch.Tensor) -> list[torch.Tensor]:
+    where = _collective_device()
+    local = tensor.detach().to(where).contiguous()
+    shapes: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(shapes, tuple(local.shape))
+    if all(shape == shapes[0] for shape in shapes):
+        out = [torch.empty_like(local) for _ in shapes]
+        dist.all_gather(out, local)
+        return [t.to(tensor.device) for t in out]
+    largest = max(torch.Size(shape).numel() for shape in shapes)
+    flat = torch.zeros(largest, dtype=local.dtype, device=where)
+    flat[: local.numel()] = local.reshape(-1)
+    out = [torch.empty_like(flat) for _ in shapes]
+    dist.all_gather(out, flat)
+    return [t[: torch.Size(s).numel()].reshape(s).to(tensor.device) for t, s in zip(out, shapes)]
+
+
+def all_reduce(x: Any, op: str = "mean") -> Any:
+    """Reduce a tensor or a number over all ranks; returns the result, leaves `x` untouched.
+
+    `op` is "mean", "sum", "max", "min" or "product". Numbers come back as Python numbers.
+    """
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"all_reduce(op={op!r}) is not supported: use one of {', '.join(_REDUCE_OPS)}")
+    is_number = not isinstance(x, torch.Tensor)
+    if is_number:
+        x = torch.tensor(x, dtype=torch.float64 if isinstance(x, float) or op == "mean" else torch.int64)
+    if not is_distributed():
+        result = x.clone()
+        if op == "mean" and not result.is_floating_point():
+            result = result.double()
+    else:
+        where = _collective_device()
+        result = x.detach().to(where, copy=True)
+        if op == "mean" and not result.is_floating_point():
+            result = result.double()
+        dist.all_reduce(result, op=_REDUCE_OPS[op])
+        if op == "mean":
+            result /= get_world_size()
+        result = result.to(x.device)
+    return result.item() if is_number else result

@@ -1,0 +1,100 @@
+"""The exception hierarchy: every error phalanx raises is a `PhalanxError`.
+
+Messages say what went wrong, with the offending value, and what to do about it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = [
+    "PhalanxError",
+    "PlatformError",
+    "LaunchError",
+    "SerializationError",
+    "WorkerError",
+    "RankFailure",
+]
+
+
+class PhalanxError(Exception):
+    """Base class of every error raised by phalanx."""
+
+
+class PlatformError(PhalanxError, ValueError):
+    """A `Platform` field has a value that cannot work; the message names the field and the fix."""
+
+    def __init__(self, field_name: str, value: object, allowed: str, fix: str = "") -> None:
+        self.field = field_name
+        self.value = value
+        message = f"Platform({field_name}={value!r}) is not valid: {allowed}."
+        if fix:
+            message += f" {fix}"
+        super().__init__(message)
+
+
+class LaunchError(PhalanxError, RuntimeError):
+    """The processes could not be started, or could not meet."""
+
+
+class SerializationError(PhalanxError, TypeError):
+    """The function, an argument or a return value cannot travel between processes."""
+
+
+@dataclass(frozen=True)
+class RankFailure:
+    """What one failed rank left behind: a Python exception or an abnormal exit.
+
+    `time` is the wall-clock time of the failure (seconds since the epoch); the earliest
+    failure is the root cause, whatever order the reports arrived in.
+    """
+
+    rank: int
+    exc_type: str
+    message: str
+    traceback: str
+    time: float
+    exit_code: int | None = None
+    signal_name: str | None = None
+    output_tail: str = field(default="", repr=False)
+
+    def summary(self) -> str:
+        if self.exc_type:
+            return f"rank {self.rank} raised {self.exc_type}: {self.message}"
+        return f"rank {self.rank} {self.message}"
+
+
+class WorkerError(PhalanxError, RuntimeError):
+    """A rank failed. The first failure (by time) is the cause; `.failures` lists them all.
+
+    Attributes: `rank`, `exc_type` (the name of the remote exception type, or "" for a rank
+    that died without raising), `traceback` (the remote traceback as text), `exit_code`,
+    `signal_name` and `failures` (every failed rank, first failure first).
+    """
+
+    def __init__(self, failures: list[RankFailure]) -> None:
+        if not failures:
+            raise ValueError("WorkerError needs at least one failure")
+        self.failures = sorted(failures, key=lambda failure: failure.time)
+        first = self.failures[0]
+        self.rank = first.rank
+        self.exc_type = first.exc_type
+        self.traceback = first.traceback
+        self.exit_code = first.exit_code
+        self.signal_name = first.signal_name
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        first = self.failures[0]
+        lines = [first.summary()]
+        others = [f.rank for f in self.failures[1:]]
+        if others:
+            lines[0] += f" (ranks {others} failed after it)"
+        if first.traceback:
+            lines += ["", f"Traceback from rank {first.rank}:", first.traceback.rstrip()]
+        elif first.output_tail:
+            lines += ["", f"Last output of rank {first.rank}:", first.output_tail.rstrip()]
+        return "\n".join(lines)
+
+    def __reduce__(self):  # keep the failures when the error itself is pickled
+        return (type(self), (self.failures,))

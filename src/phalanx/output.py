@@ -1,0 +1,51 @@
+"""Forwarding a rank's stdout and stderr to the caller, a whole line at a time, with its rank.
+
+Lines are written to the caller's `sys.stdout` / `sys.stderr` as they are at the time of the
+write, so that they land in a notebook cell or a test's captured output, not only on a terminal.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import deque
+
+__all__ = ["RankOutput"]
+
+_TAIL_LINES = 60
+
+
+class RankOutput:
+    """One stream of one rank: splits bytes into lines, prefixes and shows them, keeps a tail."""
+
+    def __init__(self, rank: int, stream_name: str, show: bool, prefix: bool) -> None:
+        self.stream_name = stream_name
+        self.show = show
+        self.prefix = f"[rank {rank}] " if prefix else ""
+        self.tail: deque[str] = deque(maxlen=_TAIL_LINES)
+        self._partial = b""
+
+    def feed(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if lines:
+            self._emit(lines)
+
+    def close(self) -> None:
+        if self._partial:
+            self._emit([self._partial])
+            self._partial = b""
+
+    def _emit(self, raw_lines: list[bytes]) -> None:
+        lines = [line.decode("utf-8", errors="replace").rstrip("\r") for line in raw_lines]
+        self.tail.extend(lines)
+        if not self.show:
+            return
+        stream = getattr(sys, self.stream_name)
+        try:
+            stream.write("".join(f"{self.prefix}{line}\n" for line in lines))
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken console must not break the launch
+            pass
+
+    def tail_text(self) -> str:
+        return "\n".join(self.tail)

@@ -1,0 +1,65 @@
+"""Where ranks meet: a `TCPStore` hosted by the caller, with no port race.
+
+The caller binds a listening socket itself (port 0 means the kernel picks a free port
+atomically) and hands it to the store, so that the store listens only on the rendezvous
+address (loopback by default) and no other program can take the port between the choice and
+the use. Ranks connect to it as clients and pass it to `init_process_group(store=...)`.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from phalanx.errors import LaunchError
+
+__all__ = ["host_store", "connect_store"]
+
+
+def _listening_socket(addr: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((addr, port))
+        sock.listen(1024)
+    except OSError as error:
+        sock.close()
+        if error.errno == errno.EADDRINUSE:
+            raise LaunchError(
+                f"master_port={port} on {addr} is already in use by another program. "
+                "Leave master_port unset to let phalanx pick a free port, or choose another one."
+            ) from error
+        raise LaunchError(
+            f"cannot listen on master_addr={addr!r} port {port}: {error}. "
+            "Use an address of this machine (the default is 127.0.0.1)."
+        ) from error
+    return sock
+
+
+def host_store(addr: str, port: int | None, timeout: timedelta) -> dist.TCPStore:
+    """Start the job's store in this process, listening on `addr` only; port None picks a free one."""
+    sock = _listening_socket(addr, port or 0)
+    bound_port = sock.getsockname()[1]
+    try:
+        store = dist.TCPStore(
+            addr,
+            bound_port,
+            is_master=True,
+            timeout=timeout,
+            wait_for_workers=False,
+            master_listen_fd=sock.fileno(),
+        )
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store owns the descriptor now and closes it when it is destroyed
+    return store
+
+
+def connect_store(addr: str, port: int, timeout: timedelta) -> dist.TCPStore:
+    """Join a store that another process hosts."""
+    return dist.TCPStore(addr, port, is_master=False, timeout=timeout)

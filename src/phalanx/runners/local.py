@@ -1,0 +1,421 @@
+"""The local runner: N ranks on this machine, forked from the zygote, watched until none is left.
+
+The caller hosts the store, asks the zygote for the workers, optionally runs one rank itself,
+and a monitor thread reads three pipes per worker (result frames, stdout, stderr) and the
+zygote's exit reports. The first failure stops every other rank: SIGTERM, then SIGKILL after a
+short grace period. `run_local` returns only when every worker has been reaped.
+"""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import os
+import selectors
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import cloudpickle
+
+from phalanx.channel import FrameReader, decode, dumps_call, encode, write_frame
+from phalanx.errors import LaunchError, RankFailure, WorkerError
+from phalanx.output import RankOutput
+from phalanx.platform import Platform
+from phalanx.rendezvous import host_store
+from phalanx.worker import failure_record, rank_session
+from phalanx.zygote import get_zygote
+from phalanx.zygote import shutdown as shutdown_zygote
+
+__all__ = ["run_local", "STOP_GRACE_SECONDS"]
+
+STOP_GRACE_SECONDS = 2.0  # between SIGTERM and SIGKILL when ranks are stopped
+_START_TIMEOUT_SECONDS = 60.0  # for the zygote to confirm that the workers exist
+
+
+@dataclass
+class _Worker:
+    rank: int
+    result_fd: int
+    stdout: RankOutput
+    stderr: RankOutput
+    output_fds: dict[int, RankOutput] = field(default_factory=dict)
+    frames: FrameReader = field(default_factory=FrameReader)
+    pid: int = 0
+    value: bytes | None = None
+    returned: bool = False
+    exited: bool = False
+
+
+def _describe_exit(status: int) -> tuple[str, int | None, str | None]:
+    code = os.waitstatus_to_exitcode(status)
+    if code >= 0:
+        return f"exited with code {code} before returning a result", code, None
+    name = signal.Signals(-code).name
+    crash = {"SIGSEGV": " (segmentation fault)", "SIGBUS": " (bus error)", "SIGABRT": " (aborted)"}
+    return f"was killed by signal {name}{crash.get(name, '')}", None, name
+
+
+def _failure_from_record(record: dict[str, Any]) -> RankFailure:
+    return RankFailure(
+        rank=record["rank"],
+        exc_type=record["exc_type"],
+        message=record["message"],
+        traceback=record["traceback"],
+        time=record["time"],
+    )
+
+
+class LocalJob:
+    """The workers of one launch, seen from the caller."""
+
+    def __init__(self, job: dict[str, Any], worker_ranks: list[int], platform: Platform) -> None:
+        self.job = job
+        self.platform = platform
+        self.workers = [self._make_worker(rank) for rank in worker_ranks]
+        self.failures: list[RankFailure] = []
+        self.internal_error: BaseException | None = None
+        self.done = threading.Event()
+        self._stopping = False
+        self._kill_at: float | None = None
+        self._killed = False
+        self._lock = threading.Lock()
+        self._job_socket = None
+        self._selector = selectors.DefaultSelector()
+        self._wake_read, self._wake_write = os.pipe()  # stop() wakes the monitor through it
+        self._owned_fds: set[int] = set()
+        self._interrupt_caller: Callable[[], None] | None = None
+
+    def _make_worker(self, rank: int) -> _Worker:
+        show, prefix = self.platform.console_logs, self.platform.rank_prefix
+        worker = _Worker(
+            rank=rank,
+            result_fd=-1,
+            stdout=RankOutput(rank, "stdout", show, prefix),
+            stderr=RankOutput(rank, "stderr", show, prefix),
+        )
+        return worker
+
+    # -- starting ---------------------------------------------------------------------------
+
+    def start(self, payload: bytes) -> None:
+        write_ends: list[int] = []
+        try:
+            for worker in self.workers:
+                worker.result_fd, result_write = os.pipe()
+                out_read, out_write = os.pipe()
+                err_read, err_write = os.pipe()
+                worker.output_fds = {out_read: worker.stdout, err_read: worker.stderr}
+                self._owned_fds.update((worker.result_fd, out_read, err_read))
+                write_ends += [result_write, out_write, err_write]
+            header = {"job": self.job, "ranks": [{"rank": w.rank, "local_rank": w.rank} for w in self.workers]}
+            self._job_socket = _spawn(header, payload, write_ends)
+        finally:
+            for fd in write_ends:
+                os.close(fd)
+        try:
+            self._watch()
+        except BaseException:
+            self._close_all()  # closing the job socket makes the zygote kill the job's workers
+            self.done.set()
+            raise
+
+    def _watch(self) -> None:
+        self._job_socket.settimeout(_START_TIMEOUT_SECONDS)
+        reader = FrameReader()
+        pids = None
+        while pids is None:
+            data = self._job_socket.recv(65536)
+            if not data:
+                raise LaunchError("the zygote process died while starting the workers; launch again")
+            for frame in reader.feed(data):
+                pids = decode(frame)["pids"]
+        self._job_socket.setblocking(False)
+        self._job_reader = reader
+        for worker, pid in zip(self.workers, pids):
+            worker.pid = pid
+            os.set_blocking(worker.result_fd, False)
+            self._selector.register(worker.result_fd, selectors.EVENT_READ, ("result", worker))
+            for fd, output in worker.output_fds.items():
+                os.set_blocking(fd, False)
+                self._selector.register(fd, selectors.EVENT_READ, ("output", output))
+        self._selector.register(self._job_socket, selectors.EVENT_READ, ("job", None))
+        self._selector.register(self._wake_read, selectors.EVENT_READ, ("wake", None))
+        threading.Thread(target=self._monitor, name="phalanx-monitor", daemon=True).start()
+
+    # -- watching ---------------------------------------------------------------------------
+
+    def _monitor(self) -> None:
+        try:
+            while any(not worker.exited for worker in self.workers):
+                timeout = None
+                if self._kill_at is not None and not self._killed:
+                    timeout = max(0.0, self._kill_at - time.monotonic())
+                for key, _ in self._selector.select(timeout):
+                    kind, owner = key.data
+                    if kind == "job":
+                        self._read_job_socket()
+                    elif kind == "wake":
+                        os.read(self._wake_read, 64)
+                    elif kind == "result":
+                        self._read_result(owner)
+                    else:
+                        self._read_output(key.fd, owner)
+                if self._kill_at is not None and not self._killed and time.monotonic() >= self._kill_at:
+                    self._killed = True
+                    self._signal(signal.SIGKILL)
+        except BaseException as error:  # never leave workers behind, whatever went wrong here
+            self.internal_error = error
+            with contextlib.suppress(Exception):
+                self._job_socket.close()  # the zygote kills every worker of a job it loses
+        finally:
+            self._close_all()
+            self.done.set()
+
+    def _read_job_socket(self) -> None:
+        try:
+            data = self._job_socket.recv(65536)
+        except BlockingIOError:
+            return
+        if not data:
+            raise LaunchError("the zygote process died while the workers ran")
+        for frame in self._job_reader.feed(data):
+            message = decode(frame)
+            worker = next(w for w in self.workers if w.pid == message["exit"])
+            self._on_exit(worker, message["status"])
+
+    def _read_result(self, worker: _Worker) -> None:
+        for chunk in self._drain(worker.result_fd):
+            for frame in worker.frames.feed(chunk):
+                self._on_message(worker, decode(frame))
+
+    def _read_output(self, fd: int, output: RankOutput) -> None:
+        for chunk in self._drain(fd):
+            output.feed(chunk)
+
+    def _drain(self, fd: int) -> list[bytes]:
+        """Whatever the descriptor holds now; closes it at end of file."""
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 20)
+            except BlockingIOError:
+                return chunks
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._forget(fd)
+                return chunks
+            chunks.append(chunk)
+
+    def _forget(self, fd: int) -> None:
+        """Stop watching and close a pipe this job owns (once: the number may be reused later)."""
+        if fd not in self._owned_fds:
+            return
+        self._owned_fds.discard(fd)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    def _on_message(self, worker: _Worker, message: dict[str, Any]) -> None:
+        if "ok" in message:
+            worker.value = message["ok"]
+            worker.returned = True
+        else:
+            self.fail(_failure_from_record(message["error"]))
+
+    def _on_exit(self, worker: _Worker, status: int) -> None:
+        # The worker wrote everything before it exited: what is in the pipes now is all there is.
+        self._read_result(worker)
+        for fd, output in worker.output_fds.items():
+            self._read_output(fd, output)
+            self._forget(fd)
+            output.close()
+        self._forget(worker.result_fd)
+        worker.exited = True
+        if worker.returned or self._stopping or any(f.rank == worker.rank for f in self.failures):
+            return
+        description, code, signal_name = _describe_exit(status)
+        tail = worker.stderr.tail_text()
+        crash_report = tail[tail.find("Fatal Python error") :] if "Fatal Python error" in tail else ""
+        self.fail(
+            RankFailure(
+                rank=worker.rank,
+                exc_type="",
+                message=description,
+                traceback=crash_report,
+                time=time.time(),
+                exit_code=code,
+                signal_name=signal_name,
+                output_tail=tail,
+            )
+        )
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    def fail(self, failure: RankFailure) -> None:
+        """Record a failure and stop every rank (the first failure by time is the cause)."""
+        with self._lock:
+            self.failures.append(failure)
+        self.stop()
+        interrupt = self._interrupt_caller
+        if interrupt is not None and failure.rank != self.job.get("caller_rank"):
+            interrupt()
+
+    def stop(self) -> None:
+        """SIGTERM every live worker now, SIGKILL after the grace period. Idempotent."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+            self._kill_at = time.monotonic() + STOP_GRACE_SECONDS
+        self._signal(signal.SIGTERM)
+        with contextlib.suppress(OSError):
+            os.write(self._wake_write, b"x")
+
+    def _signal(self, signum: int) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            write_frame(self._job_socket.fileno(), encode({"signal": int(signum)}))
+
+    def _close_all(self) -> None:
+        for worker in self.workers:
+            self._forget(worker.result_fd)
+            for fd in worker.output_fds:
+                self._forget(fd)
+        self._selector.close()
+        for worker in self.workers:
+            worker.stdout.close()
+            worker.stderr.close()
+        with contextlib.suppress(Exception):
+            self._job_socket.close()
+        for fd in (self._wake_read, self._wake_write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def wait(self) -> None:
+        """Block until every worker has been reaped."""
+        while not self.done.wait(0.5):
+            pass
+
+
+def _spawn(header: dict[str, Any], payload: bytes, write_ends: list[int]):
+    """Hand the job to the zygote; a zygote that died since the last launch is replaced once."""
+    try:
+        return get_zygote().spawn(header, payload, write_ends)
+    except OSError:
+        shutdown_zygote()
+        return get_zygote().spawn(header, payload, write_ends)
+
+
+def _job_description(platform: Platform, port: int, caller_rank: int | None, gather: bool) -> dict[str, Any]:
+    return {
+        "world_size": platform.world_size,
+        "local_world_size": platform.n_procs,
+        "node_rank": platform.node_rank,
+        "master_addr": platform.master_addr,
+        "master_port": port,
+        "device": platform.device,
+        "backend": platform.backend,
+        "timeout": platform.timeout_delta.total_seconds(),
+        "n_cpus": platform.n_cpus,
+        "seed": platform.seed,
+        "caller_rank": caller_rank,
+        "gather": gather,
+        "environ": dict(os.environ),
+        "sys_path": list(sys.path),
+        "cwd": os.getcwd(),
+    }
+
+
+def _run_in_caller(fn, args, kwargs, job: dict, store, rank: int, local_job: LocalJob) -> tuple[Any, bool]:
+    """Run the caller's own rank; a failure is recorded on the job. Returns (value, succeeded)."""
+    interrupted = threading.Event()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+
+    def interrupt() -> None:
+        if in_main_thread and not interrupted.is_set():
+            interrupted.set()
+            _thread.interrupt_main()
+
+    local_job._interrupt_caller = interrupt
+    try:
+        with rank_session(job, rank, rank, store):
+            value = fn(*args, **kwargs)
+        return value, True
+    except BaseException as error:
+        if interrupted.is_set() or local_job.failures:
+            return None, False  # a worker failed first; this is the consequence, not the cause
+        if isinstance(error, KeyboardInterrupt):
+            raise
+        local_job.fail(_failure_from_record(failure_record(rank, error)))
+        return None, False
+    finally:
+        local_job._interrupt_caller = None
+
+
+def run_local(
+    fn: Callable[..., Any],
+    args: tuple,
+    kwargs: dict[str, Any],
+    platform: Platform,
+    caller_rank: int | None,
+    gather: bool,
+) -> Any:
+    """Run `fn` on `platform.n_procs` local ranks; see `phalanx.launch`."""
+    payload = dumps_call(fn, args, kwargs)
+    world_size = platform.world_size
+    store = host_store(platform.master_addr, platform.master_port, platform.timeout_delta)
+    job = _job_description(platform, store.port, caller_rank, gather)
+    worker_ranks = [rank for rank in range(world_size) if rank != caller_rank]
+    local_job = LocalJob(job, worker_ranks, platform)
+    caller_value: Any = None
+    try:
+        try:
+            local_job.start(payload)
+            if caller_rank is not None:
+                caller_value, _ = _run_in_caller(fn, args, kwargs, job, store, caller_rank, local_job)
+            local_job.wait()
+        except KeyboardInterrupt:
+            local_job.stop()
+            local_job.wait()
+            if not local_job.failures:
+                raise
+    finally:
+        local_job.stop()
+        local_job.wait()
+        del store  # closes the listening socket: the port is free again
+    if local_job.internal_error is not None:
+        raise LaunchError(f"phalanx lost track of the workers: {local_job.internal_error!r}") from (
+            local_job.internal_error
+        )
+    if local_job.failures:
+        raise WorkerError(local_job.failures)
+    return _collect(local_job, caller_rank, caller_value, world_size, gather)
+
+
+def _collect(local_job: LocalJob, caller_rank: int | None, caller_value: Any, world_size: int, gather: bool) -> Any:
+    values: list[Any] = [None] * world_size
+    if caller_rank is not None:
+        values[caller_rank] = caller_value
+    for worker in local_job.workers:
+        if worker.value is None or not (gather or worker.rank == 0):
+            continue
+        try:
+            values[worker.rank] = cloudpickle.loads(worker.value)
+        except Exception as error:
+            raise WorkerError(
+                [
+                    RankFailure(
+                        rank=worker.rank,
+                        exc_type=type(error).__qualname__,
+                        message=f"its return value cannot be unpickled in the caller: {error}",
+                        traceback="",
+                        time=time.time(),
+                    )
+                ]
+            ) from error
+    return values if gather else values[0]

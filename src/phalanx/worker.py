@@ -1,0 +1,162 @@
+"""What every rank does: take its environment, join the group, run the function, report back.
+
+The same entry serves worker processes (`run_rank`) and a caller that takes part as a rank
+(`caller_rank=`): `rank_session` sets the rank up and tears it down in both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import io
+import os
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import cloudpickle
+import torch
+import torch.distributed as dist
+
+from phalanx import dist as rank_state
+from phalanx.channel import dumps_value, encode, write_frame
+from phalanx.errors import SerializationError
+from phalanx.rendezvous import connect_store
+
+__all__ = ["run_rank", "rank_session", "rank_environment", "failure_record"]
+
+
+def rank_environment(job: dict[str, Any], rank: int, local_rank: int) -> dict[str, str]:
+    """The variables torch.distributed and user code read to know their place."""
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(local_rank),
+        "WORLD_SIZE": str(job["world_size"]),
+        "LOCAL_WORLD_SIZE": str(job["local_world_size"]),
+        "NODE_RANK": str(job["node_rank"]),
+        "GROUP_RANK": str(job["node_rank"]),
+        "MASTER_ADDR": job["master_addr"],
+        "MASTER_PORT": str(job["master_port"]),
+    }
+
+
+def _select_device(device_type: str, local_rank: int) -> torch.device:
+    if device_type in ("cpu", "mps"):
+        return torch.device(device_type)
+    module = getattr(torch, device_type)
+    index = local_rank % max(1, module.device_count())
+    module.set_device(index)
+    return torch.device(device_type, index)
+
+
+@contextlib.contextmanager
+def rank_session(job: dict[str, Any], rank: int, local_rank: int, store: dist.Store | None) -> Iterator[None]:
+    """Be rank `rank` for the duration: environment, device, threads, seed, process group."""
+    saved_environ = dict(os.environ)
+    saved_threads = torch.get_num_threads()
+    os.environ.update(rank_environment(job, rank, local_rank))
+    try:
+        device = _select_device(job["device"], local_rank)
+        if job.get("n_cpus"):
+            torch.set_num_threads(job["n_cpus"])
+        timeout = timedelta(seconds=job["timeout"])
+        if store is None:
+            store = connect_store(job["master_addr"], job["master_port"], timeout)
+        dist.init_process_group(
+            job["backend"], store=store, rank=rank, world_size=job["world_size"], timeout=timeout
+        )
+        rank_state._enter_rank(device, local_rank, job["local_world_size"], job["node_rank"])
+        if job.get("seed") is not None:
+            from phalanx.seeding import seed_everything
+
+            seed_everything(job["seed"])
+        yield
+    finally:
+        rank_state._leave_rank()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        torch.set_num_threads(saved_threads)
+        os.environ.clear()
+        os.environ.update(saved_environ)
+
+
+def _user_traceback(error: BaseException) -> str:
+    """The traceback without its first frame, which is phalanx's own call of the function."""
+    tb = error.__traceback__
+    if tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(error), error, tb))
+
+
+def failure_record(rank: int, error: BaseException) -> dict[str, Any]:
+    """A failure as plain values, with the exception itself when it can be pickled."""
+    record = {
+        "rank": rank,
+        "exc_type": type(error).__qualname__,
+        "message": str(error),
+        "traceback": _user_traceback(error),
+        "time": time.time(),
+    }
+    with contextlib.suppress(Exception):
+        record["exception"] = cloudpickle.dumps(error)
+    return record
+
+
+def _fresh_standard_streams() -> None:
+    """Line-buffered streams over descriptors 1 and 2, which the zygote pointed at the caller's pipes."""
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True, errors="replace")
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True, errors="replace")
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
+    faulthandler.enable(file=sys.stderr)
+
+
+def _send(result_fd: int, message: dict[str, Any]) -> bool:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    try:
+        write_frame(result_fd, encode(message))
+    except OSError:
+        return False
+    return True
+
+
+def run_rank(job: dict[str, Any], spec: dict[str, Any], payload: bytes, result_fd: int) -> int:
+    """Worker process entry: returns the exit code. Every outcome is reported on `result_fd`.
+
+    A failure is reported before anything is torn down: the process ends right after, and a
+    teardown (destroying an NCCL group with a collective pending) could block the report.
+    """
+    _fresh_standard_streams()
+    os.environ.clear()
+    os.environ.update(job["environ"])
+    sys.path[:] = job["sys_path"]
+    with contextlib.suppress(OSError):
+        os.chdir(job["cwd"])
+    rank = spec["rank"]
+    session = contextlib.ExitStack()
+    try:
+        fn, args, kwargs = cloudpickle.loads(payload)
+        session.enter_context(rank_session(job, rank, spec["local_rank"], store=None))
+        value = fn(*args, **kwargs)
+        if not job["gather"] and rank != 0:
+            value = None  # only rank 0's value goes back: save the transfer
+        message = {"ok": dumps_value(value, f"the return value of rank {rank}")}
+    except BaseException as error:  # everything reaches the caller, SystemExit included
+        if isinstance(error, SerializationError):
+            error.__cause__ = None
+        _send(result_fd, {"error": failure_record(rank, error)})
+        return 1
+    if not _send(result_fd, message):
+        return 1
+    try:
+        session.close()
+        import atexit
+
+        atexit._run_exitfuncs()
+    except BaseException:
+        traceback.print_exc()
+    return 0

@@ -1,0 +1,448 @@
+"""The zygote: a clean, idle copy of the interpreter with torch loaded, that forks the workers.
+
+Forking the caller directly is fast (no worker imports torch again) but unsafe once the caller
+holds CUDA state or threads, as notebook kernels always do. Spawning is safe but every worker
+pays the torch import. The zygote gives both: it is taken from the caller when that is still
+safe (when phalanx is imported, normally right after torch), or else started afresh with exec
+and made to import torch once; every launch then forks its workers from it.
+
+A copy is taken by fork only if, at the instant of the fork, the forking thread was the only
+thread of the caller and CUDA was not initialised. Thread pools that stop themselves in a fork
+handler (OpenBLAS's does) do not count; any other thread makes phalanx throw the copy away and
+use exec instead.
+
+Protocol. The caller holds one end of a control socket; EOF on it (the caller exited or was
+killed) makes the zygote kill every worker and exit. For each launch the caller sends, over the
+control socket, a header, the pickled call and descriptors: the zygote's end of a new job
+socket plus, for each rank, the write ends of its result, stdout and stderr pipes. The zygote
+forks one worker per rank and reports on the job socket `{"pids": [...]}`, then one
+`{"exit": pid, "status": wait_status}` per worker. The caller may send `{"signal": n}` on the
+job socket to signal every live worker of the job; EOF on it kills them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from phalanx.channel import FrameReader, decode, encode, write_frame
+
+__all__ = ["Zygote", "get_zygote", "prestart", "helper_pids"]
+
+_ROLE_VARIABLE = "PHALANX_ROLE"  # "zygote" or "worker" inside phalanx's own processes
+_DISABLE_VARIABLE = "PHALANX_FORK_ZYGOTE"  # "0": never fork the caller, always exec a zygote
+_FDS_PER_RANK = 3
+_MAX_FDS = 250  # SCM_RIGHTS limit per message is 253
+
+_lock = threading.Lock()
+_zygote: Zygote | None = None
+
+
+def _thread_count() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:  # no procfs (macOS): trust Python's own count
+        return threading.active_count()
+
+
+def _cuda_initialised() -> bool:
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
+
+
+def _set_parent_death_signal(signum: int) -> None:
+    """Linux only: the kernel sends `signum` to this process when its parent thread exits."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signum, 0, 0, 0)
+
+
+@dataclass
+class Zygote:
+    """The caller's handle on its zygote."""
+
+    control: socket.socket
+    pid: int
+    started_by: str  # "fork" or "exec"
+    process: subprocess.Popen | None = None
+
+    def alive(self) -> bool:
+        try:
+            pid, _ = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        return pid == 0
+
+    def spawn(self, header: dict[str, Any], payload: bytes, fds: list[int]) -> socket.socket:
+        """Ask for one worker per rank in `header["ranks"]`; returns the job socket (caller's end)."""
+        if len(fds) + 1 > _MAX_FDS:
+            raise ValueError(f"too many ranks for one zygote message ({len(fds) // _FDS_PER_RANK})")
+        ours, theirs = socket.socketpair()
+        try:
+            message = encode(dict(header, payload_size=len(payload)))
+            socket.send_fds(self.control, [len(message).to_bytes(8, "big")], [theirs.fileno(), *fds])
+            self.control.sendall(message)
+            self.control.sendall(payload)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return ours
+
+    def close(self) -> None:
+        self.control.close()
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+# -- choosing and starting the zygote (caller side) ------------------------------------------
+
+
+def _fork_is_allowed() -> bool:
+    return (
+        hasattr(os, "fork")
+        and os.environ.get(_DISABLE_VARIABLE, "1") != "0"
+        and threading.active_count() == 1
+        and not _cuda_initialised()
+    )
+
+
+def _fork_zygote() -> Zygote | None:
+    """Fork the caller; keep the copy only if the caller had no other thread at the fork."""
+    ours, theirs = socket.socketpair()
+    verdict_read, verdict_write = os.pipe()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    caller = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # the copy: touch nothing that another thread might have held until cleared
+        try:
+            os.close(verdict_write)
+            verdict = os.read(verdict_read, 1)
+            if verdict == b"1":
+                os.close(verdict_read)
+                ours.close()
+                _serve(theirs.fileno(), caller)
+        finally:
+            os._exit(0)
+    os.close(verdict_read)
+    theirs.close()
+    clean = _thread_count() == 1
+    os.write(verdict_write, b"1" if clean else b"0")
+    os.close(verdict_write)
+    if not clean:
+        os.waitpid(pid, 0)
+        ours.close()
+        return None
+    return Zygote(ours, pid, "fork")
+
+
+def _exec_zygote() -> Zygote:
+    """Start a fresh interpreter that imports torch and phalanx once, then serves."""
+    import phalanx
+
+    ours, theirs = socket.socketpair()
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(phalanx.__file__)))
+    env = dict(os.environ)
+    env[_ROLE_VARIABLE] = "zygote"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    code = "import sys; from phalanx.zygote import _serve_after_exec; _serve_after_exec()"
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-c", code, str(theirs.fileno()), str(os.getpid())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+    finally:
+        theirs.close()
+    return Zygote(ours, process.pid, "exec", process)
+
+
+def get_zygote() -> Zygote:
+    """The caller's zygote, started now if there is none or the last one died."""
+    global _zygote
+    with _lock:
+        if _zygote is not None and not _zygote.alive():
+            _zygote.control.close()
+            _zygote = None
+        if _zygote is None:
+            _zygote = (_fork_zygote() if _fork_is_allowed() else None) or _exec_zygote()
+        return _zygote
+
+
+def prestart() -> None:
+    """Take the zygote now if the caller is still clean; called when phalanx is imported."""
+    global _zygote
+    if os.environ.get(_ROLE_VARIABLE) or not _fork_is_allowed() or _launched_externally():
+        return
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:
+        return
+    with _lock:
+        if _zygote is None:
+            _zygote = _fork_zygote()
+
+
+def _launched_externally() -> bool:
+    """True inside a rank that torchrun, srun or mpirun started: it joins, it does not launch."""
+    env = os.environ
+    return any(
+        name in env
+        for name in ("TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_ID")
+    )
+
+
+def helper_pids() -> list[int]:
+    """Process ids of the zygote phalanx keeps for this process (for leak checks in tests)."""
+    with _lock:
+        return [_zygote.pid] if _zygote is not None else []
+
+
+def shutdown() -> None:
+    """Stop the zygote now (it also stops by itself when this process exits)."""
+    global _zygote
+    with _lock:
+        if _zygote is not None:
+            _zygote.close()
+            _zygote = None
+
+
+# -- the zygote process ----------------------------------------------------------------------
+
+
+def _serve_after_exec() -> None:
+    import torch  # noqa: F401  - the point of the zygote: import it once for every worker
+
+    import phalanx  # noqa: F401
+    import phalanx.worker  # noqa: F401
+
+    _serve(int(sys.argv[1]), int(sys.argv[2]))
+
+
+def _close_other_descriptors(keep: set[int]) -> None:
+    try:
+        open_fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        open_fds = list(range(3, 256))
+    for fd in open_fds:
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _receive_job(control: socket.socket) -> tuple[dict[str, Any], bytes, list[int]] | None:
+    data, fds, _, _ = socket.recv_fds(control, 8, _MAX_FDS)
+    if not data:
+        return None
+    while len(data) < 8:
+        data += _recv_exactly(control, 8 - len(data))
+    header = decode(_recv_exactly(control, int.from_bytes(data, "big")))
+    payload = _recv_exactly(control, header["payload_size"])
+    return header, payload, list(fds)
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    while view:
+        received = sock.recv_into(view)
+        if not received:
+            raise EOFError("the caller closed the control socket mid-message")
+        view = view[received:]
+    return bytes(buffer)
+
+
+class _Server:
+    """The zygote's event loop: jobs in, workers out, exits reported."""
+
+    def __init__(self, control_fd: int) -> None:
+        self.control = socket.socket(fileno=control_fd)
+        self.selector = selectors.DefaultSelector()
+        self.wakeup_read, wakeup_write = os.pipe()
+        os.set_blocking(wakeup_write, False)
+        os.set_blocking(self.wakeup_read, False)
+        signal.set_wakeup_fd(wakeup_write)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.wakeup_write = wakeup_write
+        self.selector.register(self.control, selectors.EVENT_READ, "control")
+        self.selector.register(self.wakeup_read, selectors.EVENT_READ, "children")
+        self.job_of: dict[int, socket.socket] = {}  # worker pid -> its job socket
+        self.readers: dict[socket.socket, FrameReader] = {}
+
+    def run(self) -> None:
+        while True:
+            for key, _ in self.selector.select():
+                if key.data == "control":
+                    if not self._accept_job():
+                        self._kill(list(self.job_of), signal.SIGKILL)
+                        return
+                elif key.data == "children":
+                    self._reap()
+                else:
+                    self._job_message(key.fileobj)
+
+    def _accept_job(self) -> bool:
+        try:
+            job = _receive_job(self.control)
+        except (EOFError, ConnectionError):
+            return False
+        if job is None:
+            return False
+        header, payload, fds = job
+        job_socket = socket.socket(fileno=fds[0])
+        rank_fds = fds[1:]
+        pids = []
+        for index, rank_spec in enumerate(header["ranks"]):
+            own = rank_fds[index * _FDS_PER_RANK : (index + 1) * _FDS_PER_RANK]
+            pid = os.fork()
+            if pid == 0:
+                self._become_worker(header, rank_spec, payload, own)
+            pids.append(pid)
+            self.job_of[pid] = job_socket
+        for fd in rank_fds:
+            os.close(fd)
+        self.readers[job_socket] = FrameReader()
+        self.selector.register(job_socket, selectors.EVENT_READ, "job")
+        write_frame(job_socket.fileno(), encode({"pids": pids}))
+        return True
+
+    def _become_worker(self, header: dict, rank_spec: dict, payload: bytes, fds: list[int]) -> None:
+        code = 1
+        try:
+            os.setpgid(0, 0)  # its own group, so that stopping it also stops its children
+            _set_parent_death_signal(signal.SIGKILL)
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGPIPE):
+                signal.signal(signum, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            result_fd, out_fd, err_fd = fds
+            os.dup2(out_fd, 1)
+            os.dup2(err_fd, 2)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            _close_other_descriptors({result_fd})
+            os.environ[_ROLE_VARIABLE] = "worker"
+            from phalanx.worker import run_rank
+
+            code = run_rank(header["job"], rank_spec, payload, result_fd)
+        except BaseException:
+            try:
+                import traceback
+
+                os.write(2, traceback.format_exc().encode())
+            except BaseException:
+                pass
+        finally:
+            os._exit(code)
+
+    def _reap(self) -> None:
+        try:
+            while os.read(self.wakeup_read, 512):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            try:
+                os.killpg(pid, signal.SIGKILL)  # whatever the worker left behind in its group
+            except OSError:
+                pass
+            job_socket = self.job_of.pop(pid, None)
+            if job_socket is None:
+                continue
+            try:
+                write_frame(job_socket.fileno(), encode({"exit": pid, "status": status}))
+            except OSError:
+                pass
+            if job_socket not in self.job_of.values():
+                self._forget(job_socket)
+
+    def _job_message(self, job_socket: socket.socket) -> None:
+        try:
+            data = job_socket.recv(65536)
+        except OSError:
+            data = b""
+        pids = [pid for pid, owner in self.job_of.items() if owner is job_socket]
+        if not data:  # the caller gave the job up: nothing of it may live on
+            self._kill(pids, signal.SIGKILL)
+            self._forget(job_socket)
+            return
+        for frame in self.readers[job_socket].feed(data):
+            self._kill(pids, decode(frame)["signal"])
+
+    def _forget(self, job_socket: socket.socket) -> None:
+        if job_socket in self.readers:
+            self.selector.unregister(job_socket)
+            del self.readers[job_socket]
+        for pid, owner in list(self.job_of.items()):
+            if owner is job_socket:
+                self.job_of[pid] = _DISCARD
+        job_socket.close()
+
+    @staticmethod
+    def _kill(pids: list[int], signum: int) -> None:
+        for pid in pids:
+            try:
+                os.killpg(pid, signum)
+            except OSError:
+                try:
+                    os.kill(pid, signum)
+                except OSError:
+                    pass
+
+
+class _Discard:
+    """Stands in for the job socket of a job the caller gave up; reports to it are dropped."""
+
+    def fileno(self) -> int:
+        raise OSError("job given up")
+
+    def close(self) -> None:
+        pass
+
+
+_DISCARD: Any = _Discard()
+
+
+def _serve(control_fd: int, caller_pid: int) -> None:
+    """Become the zygote: leave the caller's session and descriptors, then serve jobs."""
+    try:
+        os.setsid()  # Ctrl-C in the caller's terminal is for the caller, which stops the ranks
+    except OSError:
+        pass
+    os.environ[_ROLE_VARIABLE] = "zygote"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _close_other_descriptors({control_fd})
+    atexit._clear()  # the caller's exit handlers are not ours to run
+    if os.getppid() != caller_pid:
+        return
+    _Server(control_fd).run()
