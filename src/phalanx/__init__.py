@@ -1,7 +1,7 @@
 """phalanx: write a training function once, run it on N ranked processes anywhere.
 
-    import phalanx as px
-    px.launch(train, 0.1, platform=px.Platform(device="cpu", n_procs=2))
+import phalanx as px
+px.launch(train, 0.1, platform=px.Platform(device="cpu", n_procs=2))
 """
 
 from __future__ import annotations
@@ -36,33 +36,33 @@ from phalanx.wrapper import Wrapper, wrapper
 __version__ = "0.1.0"
 
 __all__ = [
-    "Platform",
-    "launch",
-    "Wrapper",
-    "wrapper",
-    "PhalanxError",
-    "PlatformError",
     "LaunchError",
+    "PhalanxError",
+    "Platform",
+    "PlatformError",
+    "RankFailure",
     "SerializationError",
     "WorkerError",
-    "RankFailure",
-    "get_rank",
-    "get_local_rank",
-    "get_world_size",
-    "get_local_world_size",
-    "get_node_rank",
-    "is_master",
-    "is_distributed",
-    "device",
-    "barrier",
-    "broadcast_from_master",
+    "Wrapper",
     "all_gather",
     "all_reduce",
+    "barrier",
+    "broadcast_from_master",
+    "device",
+    "get_local_rank",
+    "get_local_world_size",
+    "get_node_rank",
+    "get_rank",
+    "get_world_size",
+    "is_distributed",
+    "is_master",
+    "launch",
     "seed_everything",
+    "wrapper",
 ]
 
 # Last, once everything above exists: take the clean copy of this interpreter that workers are
 # forked from, while it is still clean (see phalanx.zygote).
-from phalanx import zygote as _zygote  # noqa: E402
+from phalanx import zygote as _zygote
 
 _zygote.prestart()

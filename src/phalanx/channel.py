@@ -17,7 +17,7 @@ import cloudpickle
 
 from phalanx.errors import SerializationError
 
-__all__ = ["FrameReader", "write_frame", "encode", "decode", "dumps_call", "dumps_value"]
+__all__ = ["FrameReader", "decode", "dumps_call", "dumps_value", "encode", "write_frame"]
 
 _HEADER = struct.Struct("!Q")
 

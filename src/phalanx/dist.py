@@ -14,18 +14,18 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "get_rank",
-    "get_local_rank",
-    "get_world_size",
-    "get_local_world_size",
-    "get_node_rank",
-    "is_master",
-    "is_distributed",
-    "device",
-    "barrier",
-    "broadcast_from_master",
     "all_gather",
     "all_reduce",
+    "barrier",
+    "broadcast_from_master",
+    "device",
+    "get_local_rank",
+    "get_local_world_size",
+    "get_node_rank",
+    "get_rank",
+    "get_world_size",
+    "is_distributed",
+    "is_master",
 ]
 
 _REDUCE_OPS = {
@@ -170,7 +170,7 @@ def _all_gather_tensor(tensor: torch.Tensor) -> list[torch.Tensor]:
     flat[: local.numel()] = local.reshape(-1)
     out = [torch.empty_like(flat) for _ in shapes]
     dist.all_gather(out, flat)
-    return [t[: torch.Size(s).numel()].reshape(s).to(tensor.device) for t, s in zip(out, shapes)]
+    return [t[: torch.Size(s).numel()].reshape(s).to(tensor.device) for t, s in zip(out, shapes, strict=True)]
 
 
 def all_reduce(x: Any, op: str = "mean") -> Any:

@@ -8,12 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 __all__ = [
+    "LaunchError",
     "PhalanxError",
     "PlatformError",
-    "LaunchError",
+    "RankFailure",
     "SerializationError",
     "WorkerError",
-    "RankFailure",
 ]
 
 
@@ -41,6 +41,18 @@ class SerializationError(PhalanxError, TypeError):
     """The function, an argument or a return value cannot travel between processes."""
 
 
+# What a backend says when a peer vanished: such an error is the consequence of another
+# rank's failure, even when it was raised before that rank's death could be observed.
+_PEER_LOSS_SIGNS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Read error",
+    "remote worker",
+    "NCCL communicator was aborted",
+)
+
+
 @dataclass(frozen=True)
 class RankFailure:
     """What one failed rank left behind: a Python exception or an abnormal exit.
@@ -58,6 +70,11 @@ class RankFailure:
     signal_name: str | None = None
     output_tail: str = field(default="", repr=False)
 
+    @property
+    def lost_a_peer(self) -> bool:
+        """True when this failure only reports that another rank went away."""
+        return bool(self.exc_type) and any(sign in self.message for sign in _PEER_LOSS_SIGNS)
+
     def summary(self) -> str:
         if self.exc_type:
             return f"rank {self.rank} raised {self.exc_type}: {self.message}"
@@ -65,7 +82,10 @@ class RankFailure:
 
 
 class WorkerError(PhalanxError, RuntimeError):
-    """A rank failed. The first failure (by time) is the cause; `.failures` lists them all.
+    """A rank failed. The first failure is the cause; `.failures` lists them all, cause first.
+
+    Failures are ordered by time, except that an error which only reports a lost peer (gloo's
+    "Connection closed by peer") comes after every other failure: it is their consequence.
 
     Attributes: `rank`, `exc_type` (the name of the remote exception type, or "" for a rank
     that died without raising), `traceback` (the remote traceback as text), `exit_code`,
@@ -75,7 +95,7 @@ class WorkerError(PhalanxError, RuntimeError):
     def __init__(self, failures: list[RankFailure]) -> None:
         if not failures:
             raise ValueError("WorkerError needs at least one failure")
-        self.failures = sorted(failures, key=lambda failure: failure.time)
+        self.failures = sorted(failures, key=lambda failure: (failure.lost_a_peer, failure.time))
         first = self.failures[0]
         self.rank = first.rank
         self.exc_type = first.exc_type

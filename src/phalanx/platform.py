@@ -150,8 +150,7 @@ class Platform:
             raise PlatformError(
                 "device",
                 self.device,
-                "allowed are 'auto', 'cpu', 'gpu' (alias of 'cuda'), 'cuda', 'mps', 'xpu' "
-                "or another torch device type",
+                "allowed are 'auto', 'cpu', 'gpu' (alias of 'cuda'), 'cuda', 'mps', 'xpu' or another torch device type",
             )
         if self.cluster == "slurm" or name == "auto":
             self._set("device", name)
@@ -160,8 +159,7 @@ class Platform:
             raise PlatformError(
                 "device",
                 self.device,
-                f"no {name} device is available here "
-                f"(available: {', '.join(available_device_types())})",
+                f"no {name} device is available here (available: {', '.join(available_device_types())})",
                 "Use device='auto' to take the best available device, or device='cpu'.",
             )
         self._set("device", name)
@@ -216,13 +214,6 @@ class Platform:
         known = sorted(BACKEND_DEVICES)
         if backend not in BACKEND_DEVICES and not _backend_available(backend):
             raise PlatformError("backend", backend, f"known backends are {', '.join(known)}")
-        if self.cluster != "slurm" and not _backend_available(backend):
-            raise PlatformError(
-                "backend",
-                backend,
-                f"this torch build has no {backend} support",
-                "Leave backend unset to take the device's default.",
-            )
         devices = BACKEND_DEVICES.get(backend)
         if devices is not None and self.device != "auto" and self.device not in devices:
             raise PlatformError(
@@ -230,6 +221,13 @@ class Platform:
                 backend,
                 f"{backend} does not serve device {self.device!r} (it serves {', '.join(sorted(devices))})",
                 f"Use backend={DEFAULT_BACKENDS.get(self.device, 'gloo')!r} or leave it unset.",
+            )
+        if self.cluster != "slurm" and not _backend_available(backend):
+            raise PlatformError(
+                "backend",
+                backend,
+                f"this torch build has no {backend} support",
+                "Leave backend unset to take the device's default.",
             )
 
     def _validate_misc(self) -> None:
@@ -243,9 +241,7 @@ class Platform:
         for name in ("requeue", "console_logs", "rank_prefix"):
             if not isinstance(getattr(self, name), bool):
                 raise PlatformError(name, getattr(self, name), "it must be True or False")
-        if self.time is not None and not (
-            (_is_count(self.time) and self.time > 0) or isinstance(self.time, str)
-        ):
+        if self.time is not None and not ((_is_count(self.time) and self.time > 0) or isinstance(self.time, str)):
             raise PlatformError("time", self.time, "it must be minutes (a whole number) or 'HH:MM:SS'")
         if self.ram is not None and not ((_is_count(self.ram) and self.ram > 0) or isinstance(self.ram, str)):
             raise PlatformError("ram", self.ram, "it must be gigabytes (a whole number) or a string such as '16G'")

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from phalanx.errors import LaunchError
 
-__all__ = ["host_store", "connect_store"]
+__all__ = ["connect_store", "host_store"]
 
 
 def _listening_socket(addr: str, port: int) -> socket.socket:

@@ -26,7 +26,7 @@ from phalanx.channel import dumps_value, encode, write_frame
 from phalanx.errors import SerializationError
 from phalanx.rendezvous import connect_store
 
-__all__ = ["run_rank", "rank_session", "rank_environment", "failure_record"]
+__all__ = ["failure_record", "rank_environment", "rank_session", "run_rank"]
 
 
 def rank_environment(job: dict[str, Any], rank: int, local_rank: int) -> dict[str, str]:
@@ -65,9 +65,7 @@ def rank_session(job: dict[str, Any], rank: int, local_rank: int, store: dist.St
         timeout = timedelta(seconds=job["timeout"])
         if store is None:
             store = connect_store(job["master_addr"], job["master_port"], timeout)
-        dist.init_process_group(
-            job["backend"], store=store, rank=rank, world_size=job["world_size"], timeout=timeout
-        )
+        dist.init_process_group(job["backend"], store=store, rank=rank, world_size=job["world_size"], timeout=timeout)
         rank_state._enter_rank(device, local_rank, job["local_world_size"], job["node_rank"])
         if job.get("seed") is not None:
             from phalanx.seeding import seed_everything

@@ -7,7 +7,8 @@ with the launch, the failure reports and the clean-up of `phalanx.launch` undern
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from phalanx.launch import launch
 from phalanx.platform import Platform

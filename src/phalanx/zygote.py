@@ -16,7 +16,7 @@ killed) makes the zygote kill every worker and exit. For each launch the caller 
 control socket, a header, the pickled call and descriptors: the zygote's end of a new job
 socket plus, for each rank, the write ends of its result, stdout and stderr pipes. The zygote
 forks one worker per rank and reports on the job socket `{"pids": [...]}`, then one
-`{"exit": pid, "status": wait_status}` per worker. The caller may send `{"signal": n}` on the
+`{"exit": pid, "status": wait_status, "time": when_reaped}` per worker. The caller may send `{"signal": n}` on the
 job socket to signal every live worker of the job; EOF on it kills them.
 """
 
@@ -30,12 +30,13 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from phalanx.channel import FrameReader, decode, encode, write_frame
 
-__all__ = ["Zygote", "get_zygote", "prestart", "helper_pids"]
+__all__ = ["Zygote", "get_zygote", "helper_pids", "prestart"]
 
 _ROLE_VARIABLE = "PHALANX_ROLE"  # "zygote" or "worker" inside phalanx's own processes
 _DISABLE_VARIABLE = "PHALANX_FORK_ZYGOTE"  # "0": never fork the caller, always exec a zygote
@@ -207,10 +208,7 @@ def prestart() -> None:
 def _launched_externally() -> bool:
     """True inside a rank that torchrun, srun or mpirun started: it joins, it does not launch."""
     env = os.environ
-    return any(
-        name in env
-        for name in ("TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_ID")
-    )
+    return any(name in env for name in ("TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_ID"))
 
 
 def helper_pids() -> list[int]:
@@ -234,7 +232,7 @@ def shutdown() -> None:
 def _serve_after_exec() -> None:
     import torch  # noqa: F401  - the point of the zygote: import it once for every worker
 
-    import phalanx  # noqa: F401
+    import phalanx
     import phalanx.worker  # noqa: F401
 
     _serve(int(sys.argv[1]), int(sys.argv[2]))
@@ -379,7 +377,7 @@ class _Server:
             if job_socket is None:
                 continue
             try:
-                write_frame(job_socket.fileno(), encode({"exit": pid, "status": status}))
+                write_frame(job_socket.fileno(), encode({"exit": pid, "status": status, "time": time.time()}))
             except OSError:
                 pass
             if job_socket not in self.job_of.values():
@@ -432,6 +430,23 @@ class _Discard:
 _DISCARD: Any = _Discard()
 
 
+def _forget_unfinished_imports() -> None:
+    """Drop modules that were being imported when the caller was copied.
+
+    phalanx is usually imported from the top of another module, so that module (and its
+    package) was only partly executed at the fork. A worker must import it afresh, not find a
+    half-made module in sys.modules. phalanx itself was complete but for this last step.
+    """
+    for name, module in list(sys.modules.items()):
+        spec = getattr(module, "__spec__", None)
+        if spec is None or not getattr(spec, "_initializing", False):
+            continue
+        if name == "phalanx" or name.startswith("phalanx."):
+            spec._initializing = False
+        else:
+            del sys.modules[name]
+
+
 def _serve(control_fd: int, caller_pid: int) -> None:
     """Become the zygote: leave the caller's session and descriptors, then serve jobs."""
     try:
@@ -443,6 +458,7 @@ def _serve(control_fd: int, caller_pid: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _close_other_descriptors({control_fd})
     atexit._clear()  # the caller's exit handlers are not ours to run
+    _forget_unfinished_imports()
     if os.getppid() != caller_pid:
         return
     _Server(control_fd).run()

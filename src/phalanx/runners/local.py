@@ -16,8 +16,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import cloudpickle
 
@@ -30,7 +31,7 @@ from phalanx.worker import failure_record, rank_session
 from phalanx.zygote import get_zygote
 from phalanx.zygote import shutdown as shutdown_zygote
 
-__all__ = ["run_local", "STOP_GRACE_SECONDS"]
+__all__ = ["STOP_GRACE_SECONDS", "run_local"]
 
 STOP_GRACE_SECONDS = 2.0  # between SIGTERM and SIGKILL when ranks are stopped
 _START_TIMEOUT_SECONDS = 60.0  # for the zygote to confirm that the workers exist
@@ -135,7 +136,7 @@ class LocalJob:
                 pids = decode(frame)["pids"]
         self._job_socket.setblocking(False)
         self._job_reader = reader
-        for worker, pid in zip(self.workers, pids):
+        for worker, pid in zip(self.workers, pids, strict=True):
             worker.pid = pid
             os.set_blocking(worker.result_fd, False)
             self._selector.register(worker.result_fd, selectors.EVENT_READ, ("result", worker))
@@ -185,7 +186,7 @@ class LocalJob:
         for frame in self._job_reader.feed(data):
             message = decode(frame)
             worker = next(w for w in self.workers if w.pid == message["exit"])
-            self._on_exit(worker, message["status"])
+            self._on_exit(worker, message["status"], message["time"])
 
     def _read_result(self, worker: _Worker) -> None:
         for chunk in self._drain(worker.result_fd):
@@ -228,7 +229,7 @@ class LocalJob:
         else:
             self.fail(_failure_from_record(message["error"]))
 
-    def _on_exit(self, worker: _Worker, status: int) -> None:
+    def _on_exit(self, worker: _Worker, status: int, when: float) -> None:
         # The worker wrote everything before it exited: what is in the pipes now is all there is.
         self._read_result(worker)
         for fd, output in worker.output_fds.items():
@@ -248,7 +249,7 @@ class LocalJob:
                 exc_type="",
                 message=description,
                 traceback=crash_report,
-                time=time.time(),
+                time=when,
                 exit_code=code,
                 signal_name=signal_name,
                 output_tail=tail,
@@ -344,15 +345,17 @@ def _run_in_caller(fn, args, kwargs, job: dict, store, rank: int, local_job: Loc
     local_job._interrupt_caller = interrupt
     try:
         with rank_session(job, rank, rank, store):
-            value = fn(*args, **kwargs)
-        return value, True
-    except BaseException as error:
-        if interrupted.is_set() or local_job.failures:
-            return None, False  # a worker failed first; this is the consequence, not the cause
-        if isinstance(error, KeyboardInterrupt):
-            raise
-        local_job.fail(_failure_from_record(failure_record(rank, error)))
-        return None, False
+            try:
+                return fn(*args, **kwargs), True
+            except BaseException as error:
+                # Stamp and report before the session ends: tearing the group down makes the
+                # workers fail too, and the cause must stay the earliest failure.
+                if interrupted.is_set() or local_job.failures:
+                    return None, False  # a worker failed first; this is the consequence
+                if isinstance(error, KeyboardInterrupt):
+                    raise
+                local_job.fail(_failure_from_record(failure_record(rank, error)))
+                return None, False
     finally:
         local_job._interrupt_caller = None
 

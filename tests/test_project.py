@@ -1,0 +1,36 @@
+"""The project itself: lint is clean, the example runs, the README's commands are the ones CI runs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_ruff_finds_nothing():
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    result = subprocess.run([ruff, "check", "src", "tests", "examples", "bench"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = subprocess.run([ruff, "format", "--check", "src", "tests", "examples", "bench"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hello_example_runs_on_two_cpu_processes():
+    result = subprocess.run([sys.executable, "examples/hello.py"], cwd=ROOT, capture_output=True, text=True, timeout=100)
+    assert result.returncode == 0, result.stderr
+    assert "results by rank: [18.0, 18.0]" in result.stdout
+    assert "[rank 1] rank 1 of 2 on cpu" in result.stdout
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest'
+    assert command in readme and command in ci
