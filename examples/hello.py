@@ -1,7 +1,7 @@
 """The smallest real launch: two CPU processes each compute, sum over ranks, and return.
 
-    python examples/hello.py              # 2 ranks
-    python examples/hello.py --n-procs 4
+python examples/hello.py              # 2 ranks
+python examples/hello.py --n-procs 4
 """
 
 from __future__ import annotations

@@ -249,3 +249,27 @@ def test_ranks_exit_when_the_caller_is_killed():
     process.wait(timeout=10)
     _, alive = psutil.wait_procs(ranks, timeout=5)
     assert alive == []
+
+
+def test_rank_that_cannot_unpickle_the_call_is_a_launch_error(tmp_path, monkeypatch):
+    (tmp_path / "vanishing.py").write_text("def job():\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import vanishing
+
+    (tmp_path / "vanishing.py").unlink()  # the ranks cannot import it any more
+    with pytest.raises(px.LaunchError, match="could not start or meet") as info:
+        px.launch(vanishing.job, platform=CPU)
+    assert isinstance(info.value.__cause__, px.WorkerError)
+    assert "ModuleNotFoundError" in str(info.value)
+
+
+def test_rank_stopped_during_teardown_by_another_crash_is_still_reported():
+    def crash_late():
+        if px.get_rank() == 1:
+            os._exit(5)
+        px.barrier()
+
+    for _ in range(3):  # a race in the reporting order used to hide the crashed rank
+        with pytest.raises(px.WorkerError) as info:
+            px.launch(crash_late, platform=CPU)
+        assert info.value.rank == 1 and info.value.exit_code == 5

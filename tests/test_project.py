@@ -16,14 +16,20 @@ pytestmark = pytest.mark.timeout(120)
 
 def test_ruff_finds_nothing():
     ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
-    result = subprocess.run([ruff, "check", "src", "tests", "examples", "bench"], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [ruff, "check", "src", "tests", "examples", "bench"], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
-    result = subprocess.run([ruff, "format", "--check", "src", "tests", "examples", "bench"], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [ruff, "format", "--check", "src", "tests", "examples", "bench"], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_hello_example_runs_on_two_cpu_processes():
-    result = subprocess.run([sys.executable, "examples/hello.py"], cwd=ROOT, capture_output=True, text=True, timeout=100)
+    result = subprocess.run(
+        [sys.executable, "examples/hello.py"], cwd=ROOT, capture_output=True, text=True, timeout=100
+    )
     assert result.returncode == 0, result.stderr
     assert "results by rank: [18.0, 18.0]" in result.stdout
     assert "[rank 1] rank 1 of 2 on cpu" in result.stdout

@@ -24,10 +24,10 @@ class PhalanxError(Exception):
 class PlatformError(PhalanxError, ValueError):
     """A `Platform` field has a value that cannot work; the message names the field and the fix."""
 
-    def __init__(self, field_name: str, value: object, allowed: str, fix: str = "") -> None:
+    def __init__(self, field_name: str, value: object, allowed: str, fix: str = "", owner: str = "Platform") -> None:
         self.field = field_name
         self.value = value
-        message = f"Platform({field_name}={value!r}) is not valid: {allowed}."
+        message = f"{owner}({field_name}={value!r}) is not valid: {allowed}."
         if fix:
             message += f" {fix}"
         super().__init__(message)
@@ -69,6 +69,7 @@ class RankFailure:
     exit_code: int | None = None
     signal_name: str | None = None
     output_tail: str = field(default="", repr=False)
+    during: str = "run"  # "setup": before the function started (unpickling, joining the group)
 
     @property
     def lost_a_peer(self) -> bool:

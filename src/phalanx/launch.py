@@ -23,17 +23,18 @@ def launch(
 ) -> list[T] | T:
     """Run `fn(*args, **kwargs)` on every rank of `platform`; return the values by global rank.
 
-    `platform` defaults to `Platform()`: one process on the best available device.
+    `platform` defaults to `Platform()`: the best available device, one rank per visible GPU
+    (or one CPU process).
     `caller_rank=k` makes the calling process rank k: it runs `fn` itself, so its objects stay
     here (notebooks). `gather=False` returns rank 0's value alone. A failing rank raises
     `WorkerError` with the remote traceback, after every other rank has been stopped.
 
     Example::
 
-        def train(lr):
-            return px.get_rank() * lr
+        def train(scale):
+            return px.get_rank() * scale
 
-        px.launch(train, 0.1, platform=px.Platform(device="cpu", n_procs=4))  # [0.0, 0.1, 0.2, 0.3]
+        px.launch(train, 10, platform=px.Platform(device="cpu", n_procs=4))  # [0, 10, 20, 30]
     """
     if not callable(fn):
         raise TypeError(f"launch() needs a callable first, got {fn!r}")
@@ -42,7 +43,10 @@ def launch(
         isinstance(caller_rank, int) and 0 <= caller_rank < platform.n_procs and platform.node_rank == 0
     ):
         raise PlatformError(
-            "caller_rank", caller_rank, f"it must be a rank on this node, between 0 and {platform.n_procs - 1}, or None"
+            "caller_rank",
+            caller_rank,
+            f"it must be a rank on this node, between 0 and {platform.n_procs - 1}, or None",
+            owner="launch",
         )
     if platform.cluster == "local":
         if platform.n_nodes > 1:

@@ -59,6 +59,13 @@ def _device_count(device_type: str) -> int:
     return int(count()) if count else 1
 
 
+def _usable_cores() -> int:
+    """Cores this process may run on (its affinity mask), not every core of the machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def available_device_types() -> list[str]:
     """The accelerator types usable here, best first, always ending with "cpu"."""
     return [name for name in ("cuda", "mps", "xpu") if _is_available(name)] + ["cpu"]
@@ -195,7 +202,7 @@ class Platform:
             raise PlatformError(
                 "master_port",
                 port,
-                "it must be a port number between 1 and 65535, or None",
+                "it must be a port number between 1 and 65535, or None (0 means the same)",
                 "Leave it unset (None) to let the system pick a free port.",
             )
         if port == 0:
@@ -284,9 +291,16 @@ class Platform:
             n_procs = _device_count(device) if device in ("cuda", "xpu") else 1
         n_cpus = self.n_cpus
         if n_cpus is None:
-            n_cpus = max(1, (os.cpu_count() or 1) // n_procs)
+            n_cpus = max(1, _usable_cores() // n_procs)
         backend = self.backend or DEFAULT_BACKENDS.get(device, "gloo")
         cluster = "local" if self.cluster == "auto" else self.cluster
+        if device == "cuda" and backend == "nccl" and cluster != "slurm" and n_procs > _device_count("cuda"):
+            raise PlatformError(
+                "n_procs",
+                n_procs,
+                f"only {_device_count('cuda')} CUDA device(s) are visible and nccl needs one GPU per rank",
+                "Lower n_procs, or share GPUs between ranks with backend='gloo'.",
+            )
         return dataclasses.replace(
             self, device=device, n_procs=n_procs, n_gpus=None, n_cpus=n_cpus, backend=backend, cluster=cluster
         )

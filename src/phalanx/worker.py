@@ -89,10 +89,15 @@ def _user_traceback(error: BaseException) -> str:
     return "".join(traceback.format_exception(type(error), error, tb))
 
 
-def failure_record(rank: int, error: BaseException) -> dict[str, Any]:
-    """A failure as plain values, with the exception itself when it can be pickled."""
+def failure_record(rank: int, error: BaseException, during: str = "run") -> dict[str, Any]:
+    """A failure as plain values, with the exception itself when it can be pickled.
+
+    `during` is "setup" for a rank that failed before the function started (it could not
+    unpickle the call or join the group), "run" for a failure of the function itself.
+    """
     record = {
         "rank": rank,
+        "during": during,
         "exc_type": type(error).__qualname__,
         "message": str(error),
         "traceback": _user_traceback(error),
@@ -130,15 +135,17 @@ def run_rank(job: dict[str, Any], spec: dict[str, Any], payload: bytes, result_f
     """
     _fresh_standard_streams()
     os.environ.clear()
-    os.environ.update(job["environ"])
+    os.environ.update(job["environ"], PHALANX_ROLE="worker")
     sys.path[:] = job["sys_path"]
     with contextlib.suppress(OSError):
         os.chdir(job["cwd"])
     rank = spec["rank"]
     session = contextlib.ExitStack()
+    during = "setup"
     try:
         fn, args, kwargs = cloudpickle.loads(payload)
         session.enter_context(rank_session(job, rank, spec["local_rank"], store=None))
+        during = "run"
         value = fn(*args, **kwargs)
         if not job["gather"] and rank != 0:
             value = None  # only rank 0's value goes back: save the transfer
@@ -146,7 +153,7 @@ def run_rank(job: dict[str, Any], spec: dict[str, Any], payload: bytes, result_f
     except BaseException as error:  # everything reaches the caller, SystemExit included
         if isinstance(error, SerializationError):
             error.__cause__ = None
-        _send(result_fd, {"error": failure_record(rank, error)})
+        _send(result_fd, {"error": failure_record(rank, error, during)})
         return 1
     if not _send(result_fd, message):
         return 1

@@ -235,7 +235,10 @@ def _serve_after_exec() -> None:
     import phalanx
     import phalanx.worker  # noqa: F401
 
-    _serve(int(sys.argv[1]), int(sys.argv[2]))
+    try:
+        _serve(int(sys.argv[1]), int(sys.argv[2]))
+    finally:
+        os._exit(0)  # no interpreter shutdown: its finalizers print noise after the caller is gone
 
 
 def _close_other_descriptors(keep: set[int]) -> None:
@@ -457,6 +460,8 @@ def _serve(control_fd: int, caller_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _close_other_descriptors({control_fd})
+    # Die with the caller even if a process the caller forked still holds the control socket.
+    _set_parent_death_signal(signal.SIGKILL)
     atexit._clear()  # the caller's exit handlers are not ours to run
     _forget_unfinished_imports()
     if os.getppid() != caller_pid:

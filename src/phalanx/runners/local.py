@@ -60,6 +60,19 @@ def _describe_exit(status: int) -> tuple[str, int | None, str | None]:
     return f"was killed by signal {name}{crash.get(name, '')}", None, name
 
 
+def _crash_report(stderr_tail: str) -> str:
+    """faulthandler's report of a crash, cut below phalanx's own call of the function."""
+    start = stderr_tail.find("Fatal Python error")
+    if start < 0:
+        return ""
+    lines = stderr_tail[start:].splitlines()
+    for index, line in enumerate(lines):
+        if "in run_rank" in line:
+            lines = lines[:index]
+            break
+    return "\n".join(lines)
+
+
 def _failure_from_record(record: dict[str, Any]) -> RankFailure:
     return RankFailure(
         rank=record["rank"],
@@ -67,6 +80,7 @@ def _failure_from_record(record: dict[str, Any]) -> RankFailure:
         message=record["message"],
         traceback=record["traceback"],
         time=record["time"],
+        during=record.get("during", "run"),
     )
 
 
@@ -81,6 +95,7 @@ class LocalJob:
         self.internal_error: BaseException | None = None
         self.done = threading.Event()
         self._stopping = False
+        self._stopped_at: float | None = None
         self._kill_at: float | None = None
         self._killed = False
         self._lock = threading.Lock()
@@ -129,7 +144,13 @@ class LocalJob:
         reader = FrameReader()
         pids = None
         while pids is None:
-            data = self._job_socket.recv(65536)
+            try:
+                data = self._job_socket.recv(65536)
+            except TimeoutError as error:
+                raise LaunchError(
+                    f"the zygote process did not start the workers within {_START_TIMEOUT_SECONDS:.0f} s; "
+                    "launch again (set PHALANX_FORK_ZYGOTE=0 if this keeps happening)"
+                ) from error
             if not data:
                 raise LaunchError("the zygote process died while starting the workers; launch again")
             for frame in reader.feed(data):
@@ -238,11 +259,13 @@ class LocalJob:
             output.close()
         self._forget(worker.result_fd)
         worker.exited = True
-        if worker.returned or self._stopping or any(f.rank == worker.rank for f in self.failures):
+        if worker.returned or any(f.rank == worker.rank for f in self.failures):
             return
         description, code, signal_name = _describe_exit(status)
+        if self._stopped_at is not None and when >= self._stopped_at and signal_name in (None, "SIGTERM", "SIGKILL"):
+            return  # stopped by us after another rank failed: not a failure of its own
         tail = worker.stderr.tail_text()
-        crash_report = tail[tail.find("Fatal Python error") :] if "Fatal Python error" in tail else ""
+        crash_report = _crash_report(tail)
         self.fail(
             RankFailure(
                 rank=worker.rank,
@@ -273,6 +296,7 @@ class LocalJob:
             if self._stopping:
                 return
             self._stopping = True
+            self._stopped_at = time.time()
             self._kill_at = time.monotonic() + STOP_GRACE_SECONDS
         self._signal(signal.SIGTERM)
         with contextlib.suppress(OSError):
@@ -396,7 +420,10 @@ def run_local(
             local_job.internal_error
         )
     if local_job.failures:
-        raise WorkerError(local_job.failures)
+        error = WorkerError(local_job.failures)
+        if error.failures[0].during == "setup":
+            raise LaunchError(f"the ranks could not start or meet: {error}") from error
+        raise error
     return _collect(local_job, caller_rank, caller_value, world_size, gather)
 
 
