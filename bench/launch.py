@@ -18,8 +18,10 @@ import argparse
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 HAND_WRITTEN = """
 import socket, sys
@@ -95,14 +97,23 @@ def _time_process(arguments: list[str]) -> float | None:
 
 
 _HANG_SECONDS = 120
+_SCRIPTS = tempfile.TemporaryDirectory(prefix="phalanx-bench-")
+
+
+def _script(source: str) -> str:
+    """Write a job to a file: spawned children re-import their main module, which `-c` lacks."""
+    path = Path(_SCRIPTS.name) / f"job_{abs(hash(source))}.py"
+    path.write_text(textwrap.dedent(source))
+    return str(path)
 
 
 def cold_launches(ranks: int, rounds: int) -> dict[str, float]:
     """Median wall time of each variant's whole process."""
+    hand_written, ours = _script(HAND_WRITTEN), _script(PHALANX)
     variants = {
-        "fork (hand-written floor)": [sys.executable, "-c", textwrap.dedent(HAND_WRITTEN), "fork", str(ranks)],
-        "spawn (hand-written)": [sys.executable, "-c", textwrap.dedent(HAND_WRITTEN), "spawn", str(ranks)],
-        "phalanx": [sys.executable, "-c", textwrap.dedent(PHALANX), str(ranks)],
+        "fork (hand-written floor)": [sys.executable, hand_written, "fork", str(ranks)],
+        "spawn (hand-written)": [sys.executable, hand_written, "spawn", str(ranks)],
+        "phalanx": [sys.executable, ours, str(ranks)],
     }
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for arguments in variants.values():  # warm the file cache once, untimed
