@@ -6,6 +6,7 @@ px.launch(train, 0.1, platform=px.Platform(device="cpu", n_procs=2))
 
 from __future__ import annotations
 
+from phalanx.context import Context
 from phalanx.dist import (
     all_gather,
     all_reduce,
@@ -21,6 +22,7 @@ from phalanx.dist import (
     is_master,
 )
 from phalanx.errors import (
+    CheckpointError,
     LaunchError,
     PhalanxError,
     PlatformError,
@@ -31,23 +33,28 @@ from phalanx.errors import (
 from phalanx.launch import launch
 from phalanx.platform import Platform
 from phalanx.seeding import seed_everything
+from phalanx.training import ShardedLoader, dataloader, prepare_model, to_device, unwrap_model
 from phalanx.wrapper import Wrapper, wrapper
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
+    "Context",
     "LaunchError",
     "PhalanxError",
     "Platform",
     "PlatformError",
     "RankFailure",
     "SerializationError",
+    "ShardedLoader",
     "WorkerError",
     "Wrapper",
     "all_gather",
     "all_reduce",
     "barrier",
     "broadcast_from_master",
+    "dataloader",
     "device",
     "get_local_rank",
     "get_local_world_size",
@@ -57,7 +64,10 @@ __all__ = [
     "is_distributed",
     "is_master",
     "launch",
+    "prepare_model",
     "seed_everything",
+    "to_device",
+    "unwrap_model",
     "wrapper",
 ]
 

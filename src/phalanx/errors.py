@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 __all__ = [
+    "CheckpointError",
     "LaunchError",
     "PhalanxError",
     "PlatformError",
@@ -35,6 +36,10 @@ class PlatformError(PhalanxError, ValueError):
 
 class LaunchError(PhalanxError, RuntimeError):
     """The processes could not be started, or could not meet."""
+
+
+class CheckpointError(PhalanxError):
+    """A checkpoint cannot be written or read: missing, truncated, corrupt, or carrying code."""
 
 
 class SerializationError(PhalanxError, TypeError):

@@ -1,0 +1,352 @@
+"""`Context`: a training session's state in one object, checkpointed and restored exactly.
+
+Register models, optimizers, schedulers, scalers, loaders, recorders and plain counters as
+attributes. `save(path)` writes one file (the master writes, atomically; every rank waits)
+holding all of it plus every rank's random number generator states and every loader's
+position, so that a run resumed with `load(path)` continues exactly as if never stopped,
+even mid-epoch. Loading runs no code from the file (`weights_only=True`).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pickle
+import random
+import re
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from phalanx import dist as ranks
+from phalanx.errors import CheckpointError
+from phalanx.training import prepare_model, unwrap_model
+
+__all__ = ["Context", "read_checkpoint", "rng_state", "set_rng_state", "write_atomically"]
+
+_META = "__phalanx__"
+_FORMAT_VERSION = 1
+_PLAIN = (int, float, bool, str, bytes, type(None), torch.Tensor)
+
+
+def _is_plain(value: Any) -> bool:
+    """Values a weights-only load can restore: numbers, strings, tensors and containers of them."""
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(item) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(key, (str, int)) and _is_plain(item) for key, item in value.items())
+    return False
+
+
+def _is_stateful(value: Any) -> bool:
+    return callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None))
+
+
+# -- random number generators ------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's generator states, as values a weights-only load accepts."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy
+    except ImportError:
+        pass
+    else:
+        kind, keys, position, has_gauss, cached = numpy.random.get_state()
+        state["numpy"] = {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype("int64")),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` recorded."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy
+
+        saved = state["numpy"]
+        keys = saved["keys"].numpy().astype("uint32")
+        numpy.random.set_state((saved["kind"], keys, saved["position"], saved["has_gauss"], saved["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- files --------------------------------------------------------------------------------------
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomically(state: dict[str, Any], path: Path) -> None:
+    """Write `state` to `path` so that a crash at any instant leaves the old file or the new one.
+
+    The data goes to a temporary file in the same directory, is flushed to disk, and only then
+    renamed over `path` (a rename within a file system is atomic). Temporary files that an
+    earlier crash left behind are removed.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in glob.glob(glob.escape(str(path.parent / f".{path.name}.tmp-")) + "*"):
+        try:
+            os.unlink(stale)
+        except OSError:
+            pass
+    temporary = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        with open(temporary, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException as error:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        if isinstance(error, (OSError, RuntimeError)):  # torch reports a full disk as a RuntimeError
+            raise CheckpointError(f"cannot write checkpoint {path}: {error}; the previous file is unchanged") from error
+        raise
+    _fsync_directory(path.parent)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint without running any code from it; clear errors for every bad file."""
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut or damaged one is not
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt: it is not a complete file written by torch.save. "
+            "Nothing was loaded; use an earlier checkpoint."
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        code = re.search(r"GLOBAL (\S+)", str(error))
+        if code is None:
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt and cannot be read ({str(error).splitlines()[0][:200]}). "
+                "Nothing was loaded; use an earlier checkpoint."
+            ) from error
+        raise CheckpointError(
+            f"checkpoint {path} was refused: it holds {code.group(1)}, which only running code could rebuild. "
+            "phalanx loads checkpoints with weights_only=True and runs nothing from them; save plain values, "
+            "tensors and state_dicts instead."
+        ) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt and cannot be read ({type(error).__name__}: "
+            f"{str(error)[:200]}). Nothing was loaded; use an earlier checkpoint."
+        ) from error
+    if not isinstance(state, dict) or _META not in state:
+        raise CheckpointError(f"{path} is not a phalanx Context checkpoint (no {_META} entry)")
+    return state
+
+
+# -- the context --------------------------------------------------------------------------------
+
+
+class Context:
+    """Holds a training session's models, optimizers, loaders and counters; saves and restores them.
+
+    Example::
+
+        ctx = px.Context(model=model, optimizer=opt, loader=loader, epoch=0)
+        ctx.load("ckpt.pt", missing_ok=True)      # exact resume, even mid-epoch
+        while ctx.epoch < epochs:
+            for x, y in ctx.loader:
+                ...
+            ctx.epoch += 1
+            ctx.save("ckpt.pt")
+    """
+
+    def __init__(self, **entries: Any) -> None:
+        for name, value in entries.items():
+            setattr(self, name, value)
+
+    def _entries(self) -> Iterator[tuple[str, Any]]:
+        for name, value in vars(self).items():
+            if not name.startswith("_"):
+                yield name, value
+
+    def __repr__(self) -> str:
+        names = ", ".join(f"{name}={type(value).__name__}" for name, value in self._entries())
+        return f"Context({names})"
+
+    # -- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every registered object's state and plain value, with this rank's generator states.
+
+        Models are saved without their DDP wrapper, so a checkpoint loads into a wrapped or a
+        plain model alike. Objects that have no state_dict and are not plain values (a loss
+        function object, a lambda) are not saved.
+        """
+        state: dict[str, Any] = {}
+        for name, value in self._entries():
+            if _is_stateful(value):
+                target = unwrap_model(value) if isinstance(value, torch.nn.Module) else value
+                state[name] = target.state_dict()
+            elif _is_plain(value):
+                state[name] = value
+        state[_META] = {"version": _FORMAT_VERSION, "world_size": ranks.get_world_size(), "rng": rng_state()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` (or a checkpoint) holds; checks everything before changing anything."""
+        meta = state.get(_META, {})
+        self._check_compatible(state)
+        stateful = [(name, value) for name, value in self._entries() if _is_stateful(value) and name in state]
+        # Models first: optimizers map their state onto the parameters' devices when loaded.
+        stateful.sort(key=lambda entry: not isinstance(entry[1], torch.nn.Module))
+        for name, value in stateful:
+            target = unwrap_model(value) if isinstance(value, torch.nn.Module) else value
+            target.load_state_dict(state[name])
+        for name, value in state.items():
+            if name != _META and not _is_stateful(getattr(self, name, None)):
+                setattr(self, name, value)
+        rng = meta.get("rng")
+        if isinstance(rng, list):  # a checkpoint holds every rank's states
+            rng = rng[ranks.get_rank()] if len(rng) == ranks.get_world_size() else None
+        if rng is not None:
+            set_rng_state(rng)
+
+    def _check_compatible(self, state: dict[str, Any]) -> None:
+        problems = []
+        for name, value in self._entries():
+            if name not in state:
+                if _is_stateful(value):
+                    problems.append(f"{name!r} is registered here but not in the checkpoint")
+                continue
+            if isinstance(value, torch.nn.Module):
+                problems += _module_mismatches(name, unwrap_model(value), state[name])
+        if problems:
+            raise CheckpointError(
+                "the checkpoint does not fit this Context, nothing was loaded: " + "; ".join(problems[:10])
+            )
+
+    # -- files ------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a checkpoint: every rank calls it; the master writes one file atomically; all wait.
+
+        The file holds every rank's generator states and every loader's position.
+        """
+        path = Path(path)
+        state = self.state_dict()
+        everyone = ranks.all_gather(state[_META]["rng"]) if ranks.is_distributed() else [state[_META]["rng"]]
+        state[_META]["rng"] = everyone
+        error = None
+        if ranks.is_master():
+            try:
+                write_atomically(state, path)
+            except CheckpointError as failure:
+                error = str(failure)
+        error = ranks.broadcast_from_master(error)
+        if error is not None:  # every rank raises, not only the master: no rank waits forever
+            raise CheckpointError(error)
+
+    def load(self, path: str | os.PathLike, missing_ok: bool = False) -> bool:
+        """Restore a checkpoint written by `save`; returns False if it is missing and `missing_ok`.
+
+        Every rank reads the file itself and takes its own generator states from it.
+        """
+        path = Path(path)
+        if not path.exists():
+            if missing_ok:
+                return False
+            raise CheckpointError(f"checkpoint {path} does not exist (pass missing_ok=True to start afresh)")
+        state = read_checkpoint(path)
+        saved_world = state[_META].get("world_size")
+        if saved_world != ranks.get_world_size():
+            raise CheckpointError(
+                f"checkpoint {path} was saved by {saved_world} ranks and this job has {ranks.get_world_size()}: "
+                "an exact resume needs the same number of ranks. Load the model alone with "
+                "torch.load(path, weights_only=True)[name] to change the world size."
+            )
+        self.load_state_dict(state)
+        return True
+
+    # -- placement --------------------------------------------------------------------------
+
+    def to(self, device: torch.device | str) -> Context:
+        """Move every registered model, optimizer state, tensor and loader to `device`."""
+        device = torch.device(device)
+        for name, value in self._entries():
+            if isinstance(value, (torch.nn.Module, torch.Tensor)):
+                setattr(self, name, value.to(device))
+            elif isinstance(value, torch.optim.Optimizer):
+                _move_optimizer_state(value, device)
+            elif callable(getattr(value, "to", None)) and hasattr(value, "state_dict"):
+                value.to(device)
+        return self
+
+    def cpu(self) -> Context:
+        """Move everything to the CPU."""
+        return self.to("cpu")
+
+    def cuda(self) -> Context:
+        """Move everything to this rank's GPU."""
+        device = ranks.device()
+        return self.to(device if device.type == "cuda" else torch.device("cuda"))
+
+    def ddp(self, **ddp_kwargs: Any) -> Context:
+        """Wrap every registered model with trainable parameters in DDP (when distributed).
+
+        Create optimizers after this call, or over the parameters of the wrapped models.
+        """
+        for name, value in self._entries():
+            if isinstance(value, torch.nn.Module) and any(p.requires_grad for p in value.parameters()):
+                setattr(self, name, prepare_model(value, **ddp_kwargs))
+        return self
+
+    def apply(self, function: Callable[[str, Any], Any]) -> Context:
+        """Replace each registered value by `function(name, value)`."""
+        for name, value in list(self._entries()):
+            setattr(self, name, function(name, value))
+        return self
+
+
+def _module_mismatches(name: str, module: torch.nn.Module, saved: Any) -> list[str]:
+    if not isinstance(saved, dict):
+        return [f"{name!r} is a module here but a {type(saved).__name__} in the checkpoint"]
+    current = module.state_dict()
+    problems = []
+    missing = sorted(set(current) - set(saved))
+    unexpected = sorted(set(saved) - set(current))
+    if missing:
+        problems.append(f"{name!r} misses {missing[:3]} in the checkpoint")
+    if unexpected:
+        problems.append(f"{name!r} has unexpected entries {unexpected[:3]} in the checkpoint")
+    for key in set(current) & set(saved):
+        if isinstance(saved[key], torch.Tensor) and saved[key].shape != current[key].shape:
+            problems.append(f"{name}.{key} has shape {tuple(saved[key].shape)}, expected {tuple(current[key].shape)}")
+    return problems
+
+
+def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and key != "step":
+                state[key] = value.to(device)

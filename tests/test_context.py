@@ -1,0 +1,205 @@
+"""Context: checkpoints that resume exactly, write atomically and never run code."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import phalanx as px
+from tests.conftest import CPU
+
+pytestmark = pytest.mark.timeout(120)
+
+SAMPLES, EPOCHS = 96, 3  # 2 ranks x batch 8: 6 steps per epoch
+
+
+def _session(checkpoint: str):
+    torch.manual_seed(0)  # the same initial weights on every rank
+    data = torch.randn(SAMPLES, 5)
+    dataset = TensorDataset(data, (data.sum(1, keepdim=True) > 0).float())
+    model = px.prepare_model(torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 1)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.5)
+    loader = px.dataloader(dataset, batch_size=8, shuffle=True, seed=11)
+    ctx = px.Context(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, epoch=0, step=0)
+    px.seed_everything(100 + px.get_rank())  # ranks draw different dropout masks
+    ctx.load(checkpoint, missing_ok=True)
+    return ctx
+
+
+def train(checkpoint: str, stop_after: int | None):
+    """Train EPOCHS epochs; with stop_after, save and return after that many steps."""
+    ctx = _session(checkpoint)
+    losses = []
+    while ctx.epoch < EPOCHS:
+        for x, y in ctx.loader:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(ctx.model(x), y)
+            ctx.optimizer.zero_grad()
+            loss.backward()
+            ctx.optimizer.step()
+            ctx.scheduler.step()
+            ctx.step += 1
+            losses.append(loss.item())
+            if ctx.step == stop_after:
+                ctx.save(checkpoint)
+                return losses, None
+        ctx.epoch += 1
+    params = [p.detach().clone() for p in px.unwrap_model(ctx.model).parameters()]
+    return losses, params
+
+
+@pytest.mark.parametrize("n_procs", [1, 2])
+@pytest.mark.parametrize("stop_after", [4, 9])  # mid-epoch, in the first and in the second epoch
+def test_resumed_run_matches_an_uninterrupted_run_bit_for_bit(tmp_path, n_procs, stop_after):
+    platform = px.Platform(device="cpu", n_procs=n_procs)
+    straight = px.launch(train, str(tmp_path / "unused.pt"), None, platform=platform)
+    checkpoint = str(tmp_path / "ckpt.pt")
+    first = px.launch(train, checkpoint, stop_after, platform=platform)
+    second = px.launch(train, checkpoint, None, platform=platform)
+    for rank in range(n_procs):
+        losses, params = straight[rank]
+        assert len(first[rank][0]) == stop_after
+        assert first[rank][0] + second[rank][0] == losses  # exact float equality, every step
+        assert all(torch.equal(a, b) for a, b in zip(params, second[rank][1], strict=True))
+
+
+def test_missing_checkpoint_is_an_error_unless_allowed(tmp_path):
+    ctx = px.Context(step=0)
+    assert ctx.load(tmp_path / "none.pt", missing_ok=True) is False
+    with pytest.raises(px.CheckpointError, match="does not exist"):
+        ctx.load(tmp_path / "none.pt")
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
+    marker = str(tmp_path / "code-ran")
+    path = tmp_path / "evil.pt"
+    torch.save({"step": 1, "payload": _RunsCode(marker), "__phalanx__": {}}, path)
+    with pytest.raises(px.CheckpointError, match=r"evil.pt was refused: it holds \S*mkdir.*weights_only=True"):
+        px.Context(step=0).load(path)
+    assert not os.path.exists(marker)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_truncated_or_corrupt_checkpoint_gives_a_clear_error_and_loads_nothing(tmp_path, damage):
+    model = torch.nn.Linear(3, 3)
+    ctx = px.Context(model=model, step=5)
+    path = tmp_path / "ckpt.pt"
+    ctx.save(path)
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": os.urandom(len(data)), "empty": b""}[damage])
+    before = [p.clone() for p in model.parameters()]
+    ctx.step = 6
+    with pytest.raises(px.CheckpointError, match="truncated or corrupt"):
+        ctx.load(path)
+    assert ctx.step == 6 and all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_a_checkpoint_that_does_not_fit_changes_nothing(tmp_path):
+    px.Context(model=torch.nn.Linear(3, 3), step=5).save(tmp_path / "ckpt.pt")
+    other = torch.nn.Linear(3, 4)
+    before = other.weight.clone()
+    ctx = px.Context(model=other, step=0)
+    with pytest.raises(px.CheckpointError, match=r"model.weight has shape \(3, 3\), expected \(4, 3\)"):
+        ctx.load(tmp_path / "ckpt.pt")
+    assert ctx.step == 0 and torch.equal(other.weight, before)
+
+
+def _crash_during_second_save(path: str, crash_in: str):
+    ctx = px.Context(model=torch.nn.Linear(4, 4), step=1)
+    ctx.save(path)
+    ctx.step = 2
+    with torch.no_grad():
+        ctx.model.weight.add_(1.0)
+
+    def die(*args, **kwargs):
+        os._exit(9)  # the process disappears mid-save, as if killed
+
+    if crash_in == "write":
+        original_save = torch.save
+
+        def half_written(state, file, *args, **kwargs):
+            original_save(state, file, *args, **kwargs)
+            file.flush()
+            file.truncate(file.tell() // 2)
+            die()
+
+        torch.save = half_written
+    else:
+        os.replace = die
+    ctx.save(path)
+
+
+@pytest.mark.parametrize("crash_in", ["write", "rename"])
+def test_process_killed_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, crash_in):
+    path = str(tmp_path / "ckpt.pt")
+    with pytest.raises(px.WorkerError) as info:
+        px.launch(_crash_during_second_save, path, crash_in, platform=px.Platform(device="cpu", n_procs=1))
+    assert info.value.exit_code == 9
+    ctx = px.Context(model=torch.nn.Linear(4, 4), step=0)
+    assert ctx.load(path) and ctx.step == 1
+    ctx.save(path)  # the next save cleans the half-written temporary file up
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+
+
+def test_checkpoint_from_a_different_world_size_is_refused_with_the_reason(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    px.launch(lambda: px.Context(step=3).save(path), platform=CPU)
+    with pytest.raises(px.CheckpointError, match="saved by 2 ranks and this job has 1"):
+        px.Context(step=0).load(path)
+
+
+def test_checkpoint_holds_every_rank_generator_state(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+
+    def save_then_draw():
+        px.seed_everything(px.get_rank())
+        px.Context(step=0).save(path)
+        return torch.rand(2).tolist()
+
+    def load_then_draw():
+        px.Context(step=0).load(path)
+        return torch.rand(2).tolist()
+
+    assert px.launch(save_then_draw, platform=CPU) == px.launch(load_then_draw, platform=CPU)
+    saved = torch.load(path, weights_only=True)
+    assert len(saved["__phalanx__"]["rng"]) == 2
+
+
+def test_plain_values_and_state_dict_round_trip():
+    ctx = px.Context(epoch=3, name="run", history=[0.5, 0.25], scaler=torch.amp.GradScaler("cpu", enabled=False))
+    ctx.later = {"best": 0.1}
+    state = ctx.state_dict()
+    fresh = px.Context(epoch=0, name="", history=[], scaler=torch.amp.GradScaler("cpu", enabled=False))
+    fresh.load_state_dict(pickle.loads(pickle.dumps(state)))
+    assert (fresh.epoch, fresh.name, fresh.history, fresh.later) == (3, "run", [0.5, 0.25], {"best": 0.1})
+
+
+def test_to_and_cpu_move_everything_registered():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    ctx = px.Context(model=model, optimizer=optimizer, weights=torch.ones(2))
+    ctx.to("meta")
+    assert next(ctx.model.parameters()).device.type == "meta" and ctx.weights.device.type == "meta"
+    assert optimizer.state[next(iter(optimizer.state))]["exp_avg"].device.type == "meta"
+
+
+def test_ddp_wraps_registered_models_in_a_distributed_run():
+    def wrap():
+        ctx = px.Context(model=torch.nn.Linear(2, 2), frozen=torch.nn.Linear(2, 2).requires_grad_(False)).ddp()
+        return type(ctx.model).__name__, type(ctx.frozen).__name__
+
+    assert px.launch(wrap, platform=CPU) == [("DistributedDataParallel", "Linear")] * 2
