@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import re
 
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
 
 pytestmark = pytest.mark.timeout(180)
 

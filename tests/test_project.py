@@ -40,3 +40,18 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     command = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest'
     assert command in readme and command in ci
+
+
+def test_digits_example_trains_to_at_least_95_percent_and_resumes(tmp_path):
+    arguments = [sys.executable, str(ROOT / "examples" / "digits.py"), "--epochs", "12"]
+    arguments += ["--logdir", str(tmp_path / "logs"), "--checkpoint", str(tmp_path / "ckpt.pt")]
+    result = subprocess.run(arguments, cwd=tmp_path, capture_output=True, text=True, timeout=110)
+    assert result.returncode == 0, result.stderr
+    accuracy = float(result.stdout.strip().splitlines()[-1].removeprefix("test accuracy: "))
+    assert accuracy >= 0.95
+    assert (tmp_path / "ckpt.pt").exists() and any((tmp_path / "logs").iterdir())
+    resumed = subprocess.run(
+        [*arguments[:3], "14", *arguments[4:], "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=110
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and "after epoch 12" in resumed.stdout

@@ -32,6 +32,7 @@ from phalanx.errors import (
 )
 from phalanx.launch import launch
 from phalanx.platform import Platform
+from phalanx.recorder import Recorder
 from phalanx.seeding import seed_everything
 from phalanx.training import ShardedLoader, dataloader, prepare_model, to_device, unwrap_model
 from phalanx.wrapper import Wrapper, wrapper
@@ -46,6 +47,7 @@ __all__ = [
     "Platform",
     "PlatformError",
     "RankFailure",
+    "Recorder",
     "SerializationError",
     "ShardedLoader",
     "WorkerError",

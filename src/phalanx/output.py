@@ -29,6 +29,9 @@ class RankOutput:
         self._partial = lines.pop()
         if lines:
             self._emit(lines)
+        if b"\r" in self._partial:  # a progress bar redrawing its line: show it now, in place
+            *redraws, self._partial = self._partial.split(b"\r")
+            self._redraw(redraws[-1] if redraws[-1] else b"")
 
     def close(self) -> None:
         if self._partial:
@@ -36,13 +39,21 @@ class RankOutput:
             self._partial = b""
 
     def _emit(self, raw_lines: list[bytes]) -> None:
-        lines = [line.decode("utf-8", errors="replace").rstrip("\r") for line in raw_lines]
+        # Of a line redrawn with carriage returns, only its last state is kept.
+        lines = [line.decode("utf-8", errors="replace").rstrip("\r").rsplit("\r", 1)[-1] for line in raw_lines]
         self.tail.extend(lines)
+        self._write("".join(f"{self.prefix}{line}\n" for line in lines))
+
+    def _redraw(self, raw: bytes) -> None:
+        if raw:
+            self._write(f"\r{self.prefix}{raw.decode('utf-8', errors='replace')}")
+
+    def _write(self, text: str) -> None:
         if not self.show:
             return
         stream = getattr(sys, self.stream_name)
         try:
-            stream.write("".join(f"{self.prefix}{line}\n" for line in lines))
+            stream.write(text)
             stream.flush()
         except (OSError, ValueError):  # a closed or broken console must not break the launch
             pass
