@@ -203,3 +203,11 @@ def test_ddp_wraps_registered_models_in_a_distributed_run():
         return type(ctx.model).__name__, type(ctx.frozen).__name__
 
     assert px.launch(wrap, platform=CPU) == [("DistributedDataParallel", "Linear")] * 2
+
+
+def test_save_without_waiting_for_the_disk_is_still_a_complete_checkpoint(tmp_path):
+    ctx = px.Context(model=torch.nn.Linear(2, 2), step=4)
+    ctx.save(tmp_path / "fast.pt", durable=False)
+    restored = px.Context(model=torch.nn.Linear(2, 2), step=0)
+    assert restored.load(tmp_path / "fast.pt") and restored.step == 4
+    assert sorted(os.listdir(tmp_path)) == ["fast.pt"]

@@ -102,12 +102,14 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(state: dict[str, Any], path: Path) -> None:
+def write_atomically(state: dict[str, Any], path: Path, durable: bool = True) -> None:
     """Write `state` to `path` so that a crash at any instant leaves the old file or the new one.
 
-    The data goes to a temporary file in the same directory, is flushed to disk, and only then
-    renamed over `path` (a rename within a file system is atomic). Temporary files that an
-    earlier crash left behind are removed.
+    The data goes to a temporary file in the same directory and is renamed over `path` (a
+    rename within a file system is atomic), so a process that dies mid-save never leaves half
+    a file. With `durable`, the data is also flushed to disk (fsync) before the rename, so
+    that a power loss cannot leave a renamed but incomplete file either. Temporary files that
+    an earlier crash left behind are removed.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in glob.glob(glob.escape(str(path.parent / f".{path.name}.tmp-")) + "*"):
@@ -120,7 +122,8 @@ def write_atomically(state: dict[str, Any], path: Path) -> None:
         with open(temporary, "wb") as file:
             torch.save(state, file)
             file.flush()
-            os.fsync(file.fileno())
+            if durable:
+                os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException as error:
         try:
@@ -130,7 +133,8 @@ def write_atomically(state: dict[str, Any], path: Path) -> None:
         if isinstance(error, (OSError, RuntimeError)):  # torch reports a full disk as a RuntimeError
             raise CheckpointError(f"cannot write checkpoint {path}: {error}; the previous file is unchanged") from error
         raise
-    _fsync_directory(path.parent)
+    if durable:
+        _fsync_directory(path.parent)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -248,10 +252,14 @@ class Context:
 
     # -- files ------------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, durable: bool = True) -> None:
         """Write a checkpoint: every rank calls it; the master writes one file atomically; all wait.
 
-        The file holds every rank's generator states and every loader's position.
+        The file holds every rank's generator states and every loader's position. A process
+        killed mid-save leaves the previous checkpoint. `durable=True` (the default) also waits
+        until the data is on disk, so that a power loss cannot corrupt it either; that costs
+        one disk write (about 40 ms for 24 MiB on a typical cloud disk). `durable=False` skips
+        that wait, for frequent checkpoints of large models.
         """
         path = Path(path)
         state = self.state_dict()
@@ -260,7 +268,7 @@ class Context:
         error = None
         if ranks.is_master():
             try:
-                write_atomically(state, path)
+                write_atomically(state, path, durable)
             except CheckpointError as failure:
                 error = str(failure)
         error = ranks.broadcast_from_master(error)
