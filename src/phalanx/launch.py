@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from phalanx.environment import Environment, detect_environment
 from phalanx.errors import LaunchError, PlatformError
 from phalanx.platform import Platform
 
@@ -38,16 +41,15 @@ def launch(
     """
     if not callable(fn):
         raise TypeError(f"launch() needs a callable first, got {fn!r}")
-    platform = (platform or Platform()).resolve()
-    if caller_rank is not None and not (
-        isinstance(caller_rank, int) and 0 <= caller_rank < platform.n_procs and platform.node_rank == 0
-    ):
-        raise PlatformError(
-            "caller_rank",
-            caller_rank,
-            f"it must be a rank on this node, between 0 and {platform.n_procs - 1}, or None",
-            owner="launch",
-        )
+    requested = platform or Platform()
+    environment = _environment_for(requested)
+    if environment is not None:
+        from phalanx.runners.env import run_joined
+
+        _check_caller_rank(caller_rank, None)
+        return run_joined(fn, args, kwargs, _resolve_for(requested, environment), environment, gather)
+    platform = requested.resolve()
+    _check_caller_rank(caller_rank, platform)
     if platform.cluster == "local":
         if platform.n_nodes > 1:
             raise LaunchError(
@@ -61,3 +63,50 @@ def launch(
         f"cluster={platform.cluster!r} is not supported yet in this version of phalanx; "
         "use cluster='local' (the default on a single machine)"
     )
+
+
+def _environment_for(platform: Platform) -> Environment | None:
+    """The launcher to join: detected for cluster="auto", required for cluster="env"."""
+    if platform.cluster not in ("auto", "env"):
+        return None
+    environment = detect_environment()
+    if environment is None and platform.cluster == "env":
+        raise LaunchError(
+            "Platform(cluster='env') joins processes that torchrun, srun or mpirun started, but none of their "
+            "variables is set here (TORCHELASTIC_RUN_ID, SLURM_PROCID with SLURM_STEP_ID, OMPI_COMM_WORLD_RANK, "
+            "PMI_RANK). Start this script with one of them, or use cluster='local' to start the ranks here."
+        )
+    return environment
+
+
+def _resolve_for(platform: Platform, environment: Environment) -> Platform:
+    """Resolve a platform for processes that already exist: their count is the launcher's."""
+    local_world_size = environment.local_world_size()
+    if platform.n_procs is not None and platform.n_procs != local_world_size:
+        warnings.warn(
+            f"Platform(n_procs={platform.n_procs}) is ignored: {environment.name} started {local_world_size} "
+            "process(es) on this node, and phalanx joins them instead of starting its own.",
+            stacklevel=3,
+        )
+    joined = dataclasses.replace(platform, n_procs=local_world_size, n_gpus=None, cluster="env")
+    return joined.resolve()
+
+
+def _check_caller_rank(caller_rank: int | None, platform: Platform | None) -> None:
+    if caller_rank is None:
+        return
+    if platform is None:
+        raise PlatformError(
+            "caller_rank",
+            caller_rank,
+            "the processes were started by an external launcher and every one of them is already a rank",
+            "Leave caller_rank unset under torchrun, srun or mpirun.",
+            owner="launch",
+        )
+    if not (isinstance(caller_rank, int) and 0 <= caller_rank < platform.n_procs and platform.node_rank == 0):
+        raise PlatformError(
+            "caller_rank",
+            caller_rank,
+            f"it must be a rank on this node, between 0 and {platform.n_procs - 1}, or None",
+            owner="launch",
+        )

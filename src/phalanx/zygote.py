@@ -207,8 +207,9 @@ def prestart() -> None:
 
 def _launched_externally() -> bool:
     """True inside a rank that torchrun, srun or mpirun started: it joins, it does not launch."""
-    env = os.environ
-    return any(name in env for name in ("TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_ID"))
+    from phalanx.environment import detect_environment
+
+    return detect_environment() is not None
 
 
 def helper_pids() -> list[int]:

@@ -1,0 +1,120 @@
+"""The joining runner: the processes already exist (torchrun, srun, mpirun); join, run, gather.
+
+Each process runs `fn` once as its own rank and gets back the list of every rank's value. A
+rank that fails records its failure in the job's store before it raises, so that the ranks
+that see only a lost peer can name the real cause in their `WorkerError`.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+from phalanx.environment import Environment
+from phalanx.errors import LaunchError, RankFailure, WorkerError
+from phalanx.platform import Platform
+from phalanx.rendezvous import connect_store, host_store
+from phalanx.worker import failure_record, rank_session
+
+__all__ = ["run_joined"]
+
+_FAILURE_KEY = "phalanx/failure/{rank}"
+
+
+def _rendezvous(platform: Platform, environment: Environment) -> tuple[str, int]:
+    """The store's address: an explicit Platform value wins over the launcher's."""
+    address = platform.master_addr if platform.master_addr != "127.0.0.1" else environment.main_address()
+    port = platform.master_port or environment.main_port()
+    return address, port
+
+
+def _join_store(environment: Environment, address: str, port: int, timeout: timedelta) -> dist.Store:
+    if environment.global_rank() == 0 and not environment.hosts_store_externally():
+        return host_store(address, port, timeout)
+    return connect_store(address, port, timeout)
+
+
+def _failure(record: dict[str, Any]) -> RankFailure:
+    return RankFailure(
+        rank=record["rank"],
+        exc_type=record["exc_type"],
+        message=record["message"],
+        traceback=record["traceback"],
+        time=record["time"],
+        during=record.get("during", "run"),
+    )
+
+
+def _recorded_failures(store: dist.Store, world_size: int) -> list[RankFailure]:
+    """Failures other ranks wrote to the store (the store may be gone with a failed rank 0)."""
+    failures = []
+    for rank in range(world_size):
+        key = _FAILURE_KEY.format(rank=rank)
+        try:
+            if store.check([key]):
+                failures.append(_failure(pickle.loads(store.get(key))))
+        except Exception:
+            break
+    return failures
+
+
+def run_joined(
+    fn: Callable[..., Any],
+    args: tuple,
+    kwargs: dict[str, Any],
+    platform: Platform,
+    environment: Environment,
+    gather: bool,
+) -> Any:
+    """Run `fn` as this process's rank; see `phalanx.launch` with `cluster="env"`.
+
+    `platform` is resolved already, with n_procs set to the launcher's processes per node.
+    """
+    rank, world_size = environment.global_rank(), environment.world_size()
+    local_rank, local_world_size = environment.local_rank(), environment.local_world_size()
+    address, port = _rendezvous(platform, environment)
+    timeout = platform.timeout_delta
+    job = {
+        "world_size": world_size,
+        "local_world_size": local_world_size,
+        "node_rank": environment.node_rank(),
+        "master_addr": address,
+        "master_port": port,
+        "device": platform.device,
+        "backend": platform.backend,
+        "timeout": timeout.total_seconds(),
+        "n_cpus": platform.n_cpus,
+        "seed": platform.seed,
+    }
+    try:
+        store = _join_store(environment, address, port, timeout)
+    except Exception as error:
+        raise LaunchError(
+            f"rank {rank} ({environment.name}) could not reach the store at {address}:{port}: {error}. "
+            "Set MASTER_ADDR and MASTER_PORT (or Platform(master_addr=..., master_port=...)) to an address "
+            "of rank 0's host and a free port."
+        ) from error
+    with rank_session(job, rank, local_rank, store):
+        try:
+            value = fn(*args, **kwargs)
+        except BaseException as error:
+            record = failure_record(rank, error)
+            try:
+                store.set(_FAILURE_KEY.format(rank=rank), pickle.dumps(record))
+            except Exception:
+                pass
+            # A collective that failed because another rank went away: that rank's own record,
+            # written before it left, is the cause (WorkerError puts lost peers last).
+            others = [f for f in _recorded_failures(store, world_size) if f.rank != rank]
+            raise WorkerError([_failure(record), *others]) from error
+        try:
+            values = [None] * world_size
+            dist.all_gather_object(values, value if gather or rank == 0 else None)
+        except Exception as error:
+            lost = RankFailure(rank, type(error).__qualname__, str(error), "", time=float("inf"))
+            raise WorkerError([*_recorded_failures(store, world_size), lost]) from error
+    return values if gather else values[0]
