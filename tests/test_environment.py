@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -98,7 +99,8 @@ try:
 except px.WorkerError as error:
     print(f"WorkerError rank={error.rank} type={error.exc_type}", flush=True)
     sys.exit(3)
-print(f"rank {os.environ['RANK']} got {values}", flush=True)
+launcher_rank = next(os.environ[name] for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK") if name in os.environ)
+print(f"rank {launcher_rank} got {values}", flush=True)
 """
 
 
@@ -130,3 +132,31 @@ def test_torchrun_rank_failure_names_the_failing_rank(tmp_path):
     assert result.returncode != 0
     # rank 1 raised; rank 0, blocked in a collective, learns the cause from the store
     assert result.stdout.count("WorkerError rank=1 type=ValueError") == 2, result.stdout
+
+
+OPEN_MPI = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable]
+MPICH_RUN = ["mpirun.mpich", "-np", "2", sys.executable]
+
+
+def _require(launcher: list[str]) -> None:
+    if shutil.which(launcher[0]) is None:
+        pytest.skip(f"{launcher[0]} is not installed (apt-get install openmpi-bin mpich; .ci/run does)")
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("launcher", [OPEN_MPI, MPICH_RUN], ids=["openmpi", "mpich"])
+def test_mpi_ranks_join_and_every_rank_gets_every_value(launcher, tmp_path):
+    _require(launcher)
+    result = _run(launcher, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for rank in (0, 1):
+        assert f"rank {rank} got [(0, 2, 2), (10, 2, 2)]" in result.stdout
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("launcher", [OPEN_MPI, MPICH_RUN], ids=["openmpi", "mpich"])
+def test_mpi_rank_failure_names_the_failing_rank(launcher, tmp_path):
+    _require(launcher)
+    result = _run(launcher, tmp_path, env={"FAIL_RANK": "0"})
+    assert result.returncode != 0
+    assert "WorkerError rank=0 type=ValueError" in result.stdout, result.stdout + result.stderr

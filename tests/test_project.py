@@ -38,7 +38,9 @@ def test_hello_example_runs_on_two_cpu_processes():
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    command = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest'
+    command = (
+        'bash scripts/setup-clusters.sh && pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest'
+    )
     assert command in readme and command in ci
 
 

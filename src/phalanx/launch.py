@@ -51,11 +51,6 @@ def launch(
     platform = requested.resolve()
     _check_caller_rank(caller_rank, platform)
     if platform.cluster == "local":
-        if platform.n_nodes > 1:
-            raise LaunchError(
-                f"n_nodes={platform.n_nodes}: several nodes without a scheduler are not supported yet; "
-                "run with n_nodes=1"
-            )
         from phalanx.runners.local import run_local
 
         return run_local(fn, args, kwargs, platform, caller_rank, gather)

@@ -209,6 +209,13 @@ class Platform:
             self._set("master_port", None)
         if self.cluster not in CLUSTERS:
             raise PlatformError("cluster", self.cluster, f"allowed are {', '.join(map(repr, CLUSTERS))}")
+        if self.n_nodes > 1 and self.cluster in ("auto", "local") and self.master_port is None:
+            raise PlatformError(
+                "master_port",
+                None,
+                f"n_nodes={self.n_nodes} nodes meet at master_addr:master_port, which node 0 hosts",
+                "Set master_addr to node 0's address and master_port to a free port there, the same on every node.",
+            )
 
     def _validate_backend(self) -> None:
         backend = self.backend

@@ -63,3 +63,43 @@ def host_store(addr: str, port: int | None, timeout: timedelta) -> dist.TCPStore
 def connect_store(addr: str, port: int, timeout: timedelta) -> dist.TCPStore:
     """Join a store that another process hosts."""
     return dist.TCPStore(addr, port, is_master=False, timeout=timeout)
+
+
+def _address_of_interface(name: str) -> str | None:
+    """The IPv4 address of a network interface (Linux SIOCGIFADDR), or None."""
+    import fcntl
+    import struct
+
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            answer = fcntl.ioctl(probe.fileno(), siocgifaddr, struct.pack("256s", name[:15].encode()))
+        except OSError:
+            return None
+    return socket.inet_ntoa(answer[20:24])
+
+
+def interface_towards(address: str) -> str | None:
+    """The name of the local network interface that routes to `address`, or None.
+
+    gloo picks its interface by resolving the host name, which many machines map to
+    127.0.0.1: ranks on other hosts then cannot reach it. The interface that routes to the
+    rendezvous address is the one the other hosts can reach. (A UDP connect sends nothing.)
+    """
+    if not hasattr(socket, "if_nameindex"):
+        return None
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((socket.gethostbyname(address), 9))
+            local = probe.getsockname()[0]
+    except OSError:
+        return None
+    if local.startswith("127."):
+        return None
+    for _, name in socket.if_nameindex():
+        try:
+            if _address_of_interface(name) == local:
+                return name
+        except (ImportError, OSError):
+            return None
+    return None

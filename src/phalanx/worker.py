@@ -24,7 +24,7 @@ import torch.distributed as dist
 from phalanx import dist as rank_state
 from phalanx.channel import dumps_value, encode, write_frame
 from phalanx.errors import SerializationError
-from phalanx.rendezvous import connect_store
+from phalanx.rendezvous import connect_store, interface_towards
 
 __all__ = ["failure_record", "rank_environment", "rank_session", "run_rank"]
 
@@ -63,6 +63,10 @@ def rank_session(job: dict[str, Any], rank: int, local_rank: int, store: dist.St
         if job.get("n_cpus"):
             torch.set_num_threads(job["n_cpus"])
         timeout = timedelta(seconds=job["timeout"])
+        if job["backend"] == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
+            interface = interface_towards(job["master_addr"])
+            if interface is not None:  # ranks on other hosts must reach this one
+                os.environ["GLOO_SOCKET_IFNAME"] = interface
         if store is None:
             store = connect_store(job["master_addr"], job["master_port"], timeout)
         dist.init_process_group(job["backend"], store=store, rank=rank, world_size=job["world_size"], timeout=timeout)

@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import cloudpickle
+import torch.distributed as dist
 
-from phalanx.channel import FrameReader, decode, dumps_call, encode, write_frame
+from phalanx.channel import FrameReader, decode, dumps_call, dumps_value, encode, write_frame
 from phalanx.errors import LaunchError, RankFailure, WorkerError
 from phalanx.output import RankOutput
 from phalanx.platform import Platform
-from phalanx.rendezvous import host_store
+from phalanx.rendezvous import connect_store, host_store
+from phalanx.runners.nodes import NodeGroup
 from phalanx.worker import failure_record, rank_session
 from phalanx.zygote import get_zygote
 from phalanx.zygote import shutdown as shutdown_zygote
@@ -104,6 +106,7 @@ class LocalJob:
         self._wake_read, self._wake_write = os.pipe()  # stop() wakes the monitor through it
         self._owned_fds: set[int] = set()
         self._interrupt_caller: Callable[[], None] | None = None
+        self.on_failure: Callable[[], None] | None = None  # tells the other nodes, if any
 
     def _make_worker(self, rank: int) -> _Worker:
         show, prefix = self.platform.console_logs, self.platform.rank_prefix
@@ -127,7 +130,9 @@ class LocalJob:
                 worker.output_fds = {out_read: worker.stdout, err_read: worker.stderr}
                 self._owned_fds.update((worker.result_fd, out_read, err_read))
                 write_ends += [result_write, out_write, err_write]
-            header = {"job": self.job, "ranks": [{"rank": w.rank, "local_rank": w.rank} for w in self.workers]}
+            first = self.job["node_rank"] * self.job["local_world_size"]
+            ranks = [{"rank": w.rank, "local_rank": w.rank - first} for w in self.workers]
+            header = {"job": self.job, "ranks": ranks}
             self._job_socket = _spawn(header, payload, write_ends)
         finally:
             for fd in write_ends:
@@ -285,6 +290,8 @@ class LocalJob:
         """Record a failure and stop every rank (the first failure by time is the cause)."""
         with self._lock:
             self.failures.append(failure)
+        if self.on_failure is not None:
+            self.on_failure()
         self.stop()
         interrupt = self._interrupt_caller
         if interrupt is not None and failure.rank != self.job.get("caller_rank"):
@@ -384,6 +391,20 @@ def _run_in_caller(fn, args, kwargs, job: dict, store, rank: int, local_job: Loc
         local_job._interrupt_caller = None
 
 
+def _job_store(platform: Platform) -> dist.Store:
+    """Node 0's caller hosts the job's store; the callers of other nodes join it."""
+    if platform.node_rank == 0:
+        return host_store(platform.master_addr, platform.master_port, platform.timeout_delta)
+    try:
+        return connect_store(platform.master_addr, platform.master_port, platform.timeout_delta)
+    except Exception as error:
+        raise LaunchError(
+            f"node {platform.node_rank} could not reach node 0's store at {platform.master_addr}:"
+            f"{platform.master_port} within {platform.timeout_delta}: {error}. Start node 0 with the same "
+            "master_addr and master_port, and check that this node can reach that address."
+        ) from error
+
+
 def run_local(
     fn: Callable[..., Any],
     args: tuple,
@@ -392,13 +413,24 @@ def run_local(
     caller_rank: int | None,
     gather: bool,
 ) -> Any:
-    """Run `fn` on `platform.n_procs` local ranks; see `phalanx.launch`."""
+    """Run `fn` on `platform.n_procs` ranks of this node; see `phalanx.launch`.
+
+    With `n_nodes > 1` every node's caller does the same with its share of the ranks, and
+    every node gets the full list back (see `phalanx.runners.nodes`).
+    """
     payload = dumps_call(fn, args, kwargs)
     world_size = platform.world_size
-    store = host_store(platform.master_addr, platform.master_port, platform.timeout_delta)
-    job = _job_description(platform, store.port, caller_rank, gather)
-    worker_ranks = [rank for rank in range(world_size) if rank != caller_rank]
+    store = _job_store(platform)
+    port = store.port if platform.node_rank == 0 else platform.master_port
+    job = _job_description(platform, port, caller_rank, gather)
+    first = platform.node_rank * platform.n_procs
+    worker_ranks = [rank for rank in range(first, first + platform.n_procs) if rank != caller_rank]
     local_job = LocalJob(job, worker_ranks, platform)
+    nodes = None
+    if platform.n_nodes > 1:
+        nodes = NodeGroup(store, platform, port)
+        nodes.watch(lambda node: local_job.stop())
+        local_job.on_failure = nodes.raise_flag
     caller_value: Any = None
     try:
         try:
@@ -411,36 +443,47 @@ def run_local(
             local_job.wait()
             if not local_job.failures:
                 raise
+        if local_job.internal_error is not None:
+            raise LaunchError(f"phalanx lost track of the workers: {local_job.internal_error!r}") from (
+                local_job.internal_error
+            )
+        values = {worker.rank: worker.value for worker in local_job.workers if worker.value is not None}
+        failures = list(local_job.failures)
+        if nodes is not None:
+            if caller_rank is not None and not failures:
+                values[caller_rank] = dumps_value(caller_value, f"the return value of rank {caller_rank}")
+            values, failures = nodes.exchange(values, failures)
+            nodes.close()
     finally:
         local_job.stop()
         local_job.wait()
         del store  # closes the listening socket: the port is free again
-    if local_job.internal_error is not None:
-        raise LaunchError(f"phalanx lost track of the workers: {local_job.internal_error!r}") from (
-            local_job.internal_error
-        )
-    if local_job.failures:
-        error = WorkerError(local_job.failures)
+    if failures:
+        error = WorkerError(failures)
         if error.failures[0].during == "setup":
             raise LaunchError(f"the ranks could not start or meet: {error}") from error
         raise error
-    return _collect(local_job, caller_rank, caller_value, world_size, gather)
+    result = _collect(values, world_size, gather)
+    if caller_rank is not None:  # the caller's own value is the object itself, not a copy
+        if gather:
+            result[caller_rank] = caller_value
+        elif caller_rank == 0:
+            result = caller_value
+    return result
 
 
-def _collect(local_job: LocalJob, caller_rank: int | None, caller_value: Any, world_size: int, gather: bool) -> Any:
-    values: list[Any] = [None] * world_size
-    if caller_rank is not None:
-        values[caller_rank] = caller_value
-    for worker in local_job.workers:
-        if worker.value is None or not (gather or worker.rank == 0):
+def _collect(values: dict[int, bytes], world_size: int, gather: bool) -> Any:
+    result: list[Any] = [None] * world_size
+    for rank, value in values.items():
+        if not (gather or rank == 0):
             continue
         try:
-            values[worker.rank] = cloudpickle.loads(worker.value)
+            result[rank] = cloudpickle.loads(value)
         except Exception as error:
             raise WorkerError(
                 [
                     RankFailure(
-                        rank=worker.rank,
+                        rank=rank,
                         exc_type=type(error).__qualname__,
                         message=f"its return value cannot be unpickled in the caller: {error}",
                         traceback="",
@@ -448,4 +491,4 @@ def _collect(local_job: LocalJob, caller_rank: int | None, caller_value: Any, wo
                     )
                 ]
             ) from error
-    return values if gather else values[0]
+    return result if gather else result[0]

@@ -1,0 +1,94 @@
+"""Several nodes without a scheduler: each node's caller runs its ranks; they meet in one store.
+
+The caller on node 0 hosts the job's store at `master_addr:master_port`; callers on the other
+nodes and every worker join it. When a node's ranks fail, its caller raises a flag in the store
+and every other caller stops its ranks at once. When all are done, each caller publishes its
+ranks' values and failures, and reads everyone else's, so every node returns the full list (or
+raises the same `WorkerError`). Node 0 keeps the store up until every node has read.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from phalanx.errors import LaunchError, RankFailure
+from phalanx.platform import Platform
+from phalanx.rendezvous import connect_store
+
+__all__ = ["NodeGroup"]
+
+_ABORT = "phalanx/nodes/abort"
+_OUTCOME = "phalanx/nodes/outcome/{node}"
+_READ = "phalanx/nodes/read/{node}"
+_FINISHED = b"finished"
+Values = dict[int, bytes]  # pickled return values by global rank
+
+
+class NodeGroup:
+    """This node's view of the other nodes of a static multi-node job."""
+
+    def __init__(self, store: dist.Store, platform: Platform, port: int) -> None:
+        self.store = store
+        self.address, self.port = platform.master_addr, port
+        self.node, self.n_nodes = platform.node_rank, platform.n_nodes
+        self.timeout = platform.timeout_delta
+        self._watcher: threading.Thread | None = None
+
+    def watch(self, on_other_node_failure) -> None:
+        """Call `on_other_node_failure(node)` when another node raises the abort flag."""
+
+        def wait_for_flag() -> None:
+            try:
+                # Its own connection: a blocking wait holds the connection it waits on.
+                watcher_store = connect_store(self.address, self.port, timedelta(days=365))
+                watcher_store.wait([_ABORT])
+                flag = watcher_store.get(_ABORT)
+            except Exception:
+                return
+            if flag != _FINISHED and int(flag) != self.node:
+                on_other_node_failure(int(flag))
+
+        self._watcher = threading.Thread(target=wait_for_flag, name="phalanx-nodes", daemon=True)
+        self._watcher.start()
+
+    def raise_flag(self) -> None:
+        """Tell every other node that this node's ranks failed (the first flag raised stays)."""
+        try:
+            self.store.compare_set(_ABORT, "", str(self.node))
+        except Exception:
+            pass
+
+    def exchange(self, values: Values, failures: list[RankFailure]) -> tuple[Values, list[RankFailure]]:
+        """Publish this node's outcome; return every node's values and failures together."""
+        self.store.set(_OUTCOME.format(node=self.node), pickle.dumps((values, failures)))
+        keys = [_OUTCOME.format(node=node) for node in range(self.n_nodes)]
+        try:
+            self.store.wait(keys, self.timeout)
+        except Exception as error:
+            raise LaunchError(
+                f"node {self.node}: the other nodes did not report within {self.timeout}; "
+                f"check that every node was started with the same master_addr/master_port ({error})"
+            ) from error
+        all_values: Values = {}
+        all_failures: list[RankFailure] = []
+        for key in keys:
+            node_values, node_failures = pickle.loads(self.store.get(key))
+            all_values.update(node_values)
+            all_failures += node_failures
+        self.store.set(_READ.format(node=self.node), b"1")
+        return all_values, all_failures
+
+    def close(self) -> None:
+        """Node 0 waits until every node has read the outcomes, then releases the watchers."""
+        try:
+            if self.node == 0:
+                self.store.wait([_READ.format(node=node) for node in range(self.n_nodes)], self.timeout)
+            self.store.compare_set(_ABORT, "", _FINISHED)
+        except Exception:
+            pass
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
