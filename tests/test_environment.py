@@ -99,7 +99,8 @@ try:
 except px.WorkerError as error:
     print(f"WorkerError rank={error.rank} type={error.exc_type}", flush=True)
     sys.exit(3)
-launcher_rank = next(os.environ[name] for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK") if name in os.environ)
+names = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+launcher_rank = next((os.environ[name] for name in names if name in os.environ), "local")
 print(f"rank {launcher_rank} got {values}", flush=True)
 """
 

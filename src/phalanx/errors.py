@@ -76,6 +76,18 @@ class RankFailure:
     output_tail: str = field(default="", repr=False)
     during: str = "run"  # "setup": before the function started (unpickling, joining the group)
 
+    @classmethod
+    def from_record(cls, record: dict) -> RankFailure:
+        """Build one from the plain record a rank sends (see `phalanx.worker.failure_record`)."""
+        return cls(
+            rank=record["rank"],
+            exc_type=record["exc_type"],
+            message=record["message"],
+            traceback=record["traceback"],
+            time=record["time"],
+            during=record.get("during", "run"),
+        )
+
     @property
     def lost_a_peer(self) -> bool:
         """True when this failure only reports that another rank went away."""

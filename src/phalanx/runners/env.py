@@ -38,17 +38,6 @@ def _join_store(environment: Environment, address: str, port: int, timeout: time
     return connect_store(address, port, timeout)
 
 
-def _failure(record: dict[str, Any]) -> RankFailure:
-    return RankFailure(
-        rank=record["rank"],
-        exc_type=record["exc_type"],
-        message=record["message"],
-        traceback=record["traceback"],
-        time=record["time"],
-        during=record.get("during", "run"),
-    )
-
-
 def _recorded_failures(store: dist.Store, world_size: int) -> list[RankFailure]:
     """Failures other ranks wrote to the store (the store may be gone with a failed rank 0)."""
     failures = []
@@ -56,7 +45,7 @@ def _recorded_failures(store: dist.Store, world_size: int) -> list[RankFailure]:
         key = _FAILURE_KEY.format(rank=rank)
         try:
             if store.check([key]):
-                failures.append(_failure(pickle.loads(store.get(key))))
+                failures.append(RankFailure.from_record(pickle.loads(store.get(key))))
         except Exception:
             break
     return failures
@@ -110,7 +99,7 @@ def run_joined(
             # A collective that failed because another rank went away: that rank's own record,
             # written before it left, is the cause (WorkerError puts lost peers last).
             others = [f for f in _recorded_failures(store, world_size) if f.rank != rank]
-            raise WorkerError([_failure(record), *others]) from error
+            raise WorkerError([RankFailure.from_record(record), *others]) from error
         try:
             values = [None] * world_size
             dist.all_gather_object(values, value if gather or rank == 0 else None)

@@ -75,17 +75,6 @@ def _crash_report(stderr_tail: str) -> str:
     return "\n".join(lines)
 
 
-def _failure_from_record(record: dict[str, Any]) -> RankFailure:
-    return RankFailure(
-        rank=record["rank"],
-        exc_type=record["exc_type"],
-        message=record["message"],
-        traceback=record["traceback"],
-        time=record["time"],
-        during=record.get("during", "run"),
-    )
-
-
 class LocalJob:
     """The workers of one launch, seen from the caller."""
 
@@ -253,7 +242,7 @@ class LocalJob:
             worker.value = message["ok"]
             worker.returned = True
         else:
-            self.fail(_failure_from_record(message["error"]))
+            self.fail(RankFailure.from_record(message["error"]))
 
     def _on_exit(self, worker: _Worker, status: int, when: float) -> None:
         # The worker wrote everything before it exited: what is in the pipes now is all there is.
@@ -385,7 +374,7 @@ def _run_in_caller(fn, args, kwargs, job: dict, store, rank: int, local_job: Loc
                     return None, False  # a worker failed first; this is the consequence
                 if isinstance(error, KeyboardInterrupt):
                     raise
-                local_job.fail(_failure_from_record(failure_record(rank, error)))
+                local_job.fail(RankFailure.from_record(failure_record(rank, error)))
                 return None, False
     finally:
         local_job._interrupt_caller = None
