@@ -6,6 +6,7 @@ px.launch(train, 0.1, platform=px.Platform(device="cpu", n_procs=2))
 
 from __future__ import annotations
 
+from phalanx.cli import add_platform_arguments
 from phalanx.context import Context
 from phalanx.dist import (
     all_gather,
@@ -52,6 +53,7 @@ __all__ = [
     "ShardedLoader",
     "WorkerError",
     "Wrapper",
+    "add_platform_arguments",
     "all_gather",
     "all_reduce",
     "barrier",

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import torch.distributed as dist
+
+from phalanx.cli import RUN_VARIABLE
 from phalanx.environment import Environment, detect_environment
 from phalanx.errors import LaunchError, PlatformError
 from phalanx.platform import Platform
@@ -41,6 +45,8 @@ def launch(
     """
     if not callable(fn):
         raise TypeError(f"launch() needs a callable first, got {fn!r}")
+    if os.environ.get(RUN_VARIABLE) == "1" and dist.is_initialized():
+        return _run_in_current_group(fn, args, kwargs, gather)
     requested = platform or Platform()
     environment = _environment_for(requested)
     if environment is not None:
@@ -58,6 +64,14 @@ def launch(
         f"cluster={platform.cluster!r} is not supported yet in this version of phalanx; "
         "use cluster='local' (the default on a single machine)"
     )
+
+
+def _run_in_current_group(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], gather: bool) -> Any:
+    """Inside a rank of `phalanx run`: the group exists already; run here and gather the values."""
+    value = fn(*args, **kwargs)
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value if gather or dist.get_rank() == 0 else None)
+    return values if gather else values[0]
 
 
 def _environment_for(platform: Platform) -> Environment | None:

@@ -274,6 +274,13 @@ class Platform:
                     "Lower n_procs, or share GPUs between ranks with backend='gloo'.",
                 )
 
+    @classmethod
+    def from_args(cls, args: Any) -> Platform:
+        """The platform described by the options that `phalanx.add_platform_arguments` added."""
+        from phalanx.cli import platform_from_args
+
+        return platform_from_args(args)
+
     # -- resolution -------------------------------------------------------------------------
 
     @property
