@@ -31,7 +31,7 @@ from phalanx.errors import (
     SerializationError,
     WorkerError,
 )
-from phalanx.launch import launch
+from phalanx.launch import launch, submit
 from phalanx.platform import Platform
 from phalanx.recorder import Recorder
 from phalanx.seeding import seed_everything
@@ -70,6 +70,7 @@ __all__ = [
     "launch",
     "prepare_model",
     "seed_everything",
+    "submit",
     "to_device",
     "unwrap_model",
     "wrapper",

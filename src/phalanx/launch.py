@@ -6,7 +6,7 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch.distributed as dist
 
@@ -15,7 +15,10 @@ from phalanx.environment import Environment, detect_environment
 from phalanx.errors import LaunchError, PlatformError
 from phalanx.platform import Platform
 
-__all__ = ["launch"]
+if TYPE_CHECKING:
+    from phalanx.runners.slurm import SlurmJob
+
+__all__ = ["launch", "submit"]
 
 T = TypeVar("T")
 
@@ -48,6 +51,14 @@ def launch(
     if os.environ.get(RUN_VARIABLE) == "1" and dist.is_initialized():
         return _run_in_current_group(fn, args, kwargs, gather)
     requested = platform or Platform()
+    if requested.cluster == "slurm":
+        _check_caller_rank(caller_rank, None)
+        job = submit(fn, *args, platform=requested, gather=gather, **kwargs)
+        try:
+            return job.result()
+        except KeyboardInterrupt:
+            job.cancel()  # Ctrl-C while waiting: the job must not run on without anyone waiting
+            raise
     environment = _environment_for(requested)
     if environment is not None:
         from phalanx.runners.env import run_joined
@@ -60,10 +71,28 @@ def launch(
         from phalanx.runners.local import run_local
 
         return run_local(fn, args, kwargs, platform, caller_rank, gather)
-    raise LaunchError(
-        f"cluster={platform.cluster!r} is not supported yet in this version of phalanx; "
-        "use cluster='local' (the default on a single machine)"
-    )
+    raise LaunchError(f"cluster={platform.cluster!r} cannot start ranks here; use cluster='local'")
+
+
+def submit(fn: Callable[..., Any], *args: Any, platform: Platform, gather: bool = True, **kwargs: Any) -> SlurmJob:
+    """Submit `fn(*args, **kwargs)` to SLURM and return at once with a handle on the job.
+
+    `platform.cluster` must be "slurm". The handle has `result()` (every rank's value, or
+    `WorkerError`), `done()`, `cancel()`, `job_id` and the log paths.
+
+    Example::
+
+        job = px.submit(train, 0.1, platform=px.Platform(cluster="slurm", n_procs=4, partition="gpu"))
+        print(job.job_id, job.stdout_path)
+        accuracies = job.result()
+    """
+    if platform.cluster != "slurm":
+        raise PlatformError(
+            "cluster", platform.cluster, "submit() sends a job to SLURM", "Use cluster='slurm', or launch()."
+        )
+    from phalanx.runners.slurm import submit_slurm
+
+    return submit_slurm(fn, args, kwargs, platform, gather)
 
 
 def _run_in_current_group(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], gather: bool) -> Any:

@@ -124,6 +124,7 @@ class Platform:
     qos: str | None = None
     slurm_additional_parameters: dict[str, Any] | None = field(default=None, hash=False)
     requeue: bool = False
+    log_dir: str = "phalanx_logs"
     console_logs: bool = True
     rank_prefix: bool = True
 

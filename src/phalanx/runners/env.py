@@ -90,6 +90,10 @@ def run_joined(
     with rank_session(job, rank, local_rank, store):
         try:
             value = fn(*args, **kwargs)
+        except SystemExit:
+            # The process is leaving on purpose (submitit requeues a preempted job this way);
+            # the launcher that owns it decides what that exit means.
+            raise
         except BaseException as error:
             record = failure_record(rank, error)
             try:
