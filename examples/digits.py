@@ -3,7 +3,7 @@
     python examples/digits.py                       # train from scratch, 2 ranks on CPU
     python examples/digits.py --resume              # continue from the last checkpoint
     python examples/digits.py --n-procs 4 --epochs 30
-    python examples/digits.py --device gpu          # one rank per visible GPU
+    python examples/digits.py --device gpu --n-procs 1   # on one GPU
     tensorboard --logdir runs/digits                # the curves
 
 Every rank trains on its shard of the data (DistributedDataParallel keeps the models equal),

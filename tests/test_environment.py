@@ -161,3 +161,26 @@ def test_mpi_rank_failure_names_the_failing_rank(launcher, tmp_path):
     result = _run(launcher, tmp_path, env={"FAIL_RANK": "0"})
     assert result.returncode != 0
     assert "WorkerError rank=0 type=ValueError" in result.stdout, result.stdout + result.stderr
+
+
+def test_torchrun_processes_can_launch_several_times(tmp_path):
+    script = tmp_path / "again.py"
+    script.write_text(
+        "import phalanx as px\n"
+        "for i in range(3):\n"
+        "    print('launch', i, px.launch(lambda: px.get_rank() + 10 * i, platform=px.Platform(device='cpu')))\n"
+    )
+    result = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True, timeout=100)
+    assert result.returncode == 0, result.stderr
+    for i in range(3):
+        assert result.stdout.count(f"launch {i} [{10 * i}, {10 * i + 1}]") == 2
+
+
+@pytest.mark.cluster
+def test_rank_helpers_answer_for_the_launcher_outside_a_launch(tmp_path):
+    _require(OPEN_MPI)
+    script = tmp_path / "who.py"
+    script.write_text("import phalanx as px\nprint('who', px.get_rank(), px.get_world_size(), px.get_node_rank())\n")
+    result = subprocess.run([*OPEN_MPI, str(script)], capture_output=True, text=True, timeout=100)
+    assert result.returncode == 0, result.stderr
+    assert "who 0 2" in result.stdout and "who 1 2" in result.stdout

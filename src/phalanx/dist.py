@@ -70,18 +70,31 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _launcher():
+    """The launcher that started this process (srun, mpirun, ...), for answers outside a group."""
+    from phalanx.environment import detect_environment
+
+    return detect_environment()
+
+
 def get_rank() -> int:
     """This process's global rank (0 when nothing is distributed)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    return _env_int("RANK", 0)
+    if "RANK" in os.environ:
+        return _env_int("RANK", 0)
+    launcher = _launcher()
+    return launcher.global_rank() if launcher is not None else 0
 
 
 def get_world_size() -> int:
     """Number of ranks in the job (1 when nothing is distributed)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
-    return _env_int("WORLD_SIZE", 1)
+    if "WORLD_SIZE" in os.environ:
+        return _env_int("WORLD_SIZE", 1)
+    launcher = _launcher()
+    return launcher.world_size() if launcher is not None else 1
 
 
 def get_local_rank() -> int:

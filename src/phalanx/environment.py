@@ -209,7 +209,9 @@ class OpenMPI(Environment):
         return int(_env("OMPI_COMM_WORLD_LOCAL_SIZE", str(self.world_size())))
 
     def node_rank(self) -> int:
-        return int(_env("OMPI_COMM_WORLD_NODE_RANK", "0"))
+        # OMPI_COMM_WORLD_NODE_RANK is a rank among the processes of a node, not the node's
+        # index; mpirun places ranks in blocks by default.
+        return self.global_rank() // max(1, self.local_world_size())
 
     def main_address(self) -> str:
         if "MASTER_ADDR" in os.environ:

@@ -22,7 +22,15 @@ from phalanx.worker import failure_record, rank_session
 
 __all__ = ["run_joined"]
 
-_FAILURE_KEY = "phalanx/failure/{rank}"
+_FAILURE_KEY = "failure/{rank}"
+_launches = 0
+
+
+def _next_launch() -> int:
+    """The number of this launch in this process; every rank counts its launches alike."""
+    global _launches
+    _launches += 1
+    return _launches
 
 
 def _rendezvous(platform: Platform, environment: Environment) -> tuple[str, int]:
@@ -65,7 +73,13 @@ def run_joined(
     """
     rank, world_size = environment.global_rank(), environment.world_size()
     local_rank, local_world_size = environment.local_rank(), environment.local_world_size()
-    address, port = _rendezvous(platform, environment)
+    try:
+        address, port = _rendezvous(platform, environment)
+    except KeyError as missing:
+        raise LaunchError(
+            f"{environment.name} gives no address for rank 0's store ({missing} is not set): set MASTER_ADDR "
+            "and MASTER_PORT, or Platform(master_addr=..., master_port=...)"
+        ) from None
     timeout = platform.timeout_delta
     job = {
         "world_size": world_size,
@@ -80,7 +94,9 @@ def run_joined(
         "seed": platform.seed,
     }
     try:
-        store = _join_store(environment, address, port, timeout)
+        # Each launch in these processes gets its own key space: a second launch under the
+        # same torchrun must not meet the first one's keys in torchrun's store.
+        store = dist.PrefixStore(f"phalanx/{_next_launch()}/", _join_store(environment, address, port, timeout))
     except Exception as error:
         raise LaunchError(
             f"rank {rank} ({environment.name}) could not reach the store at {address}:{port}: {error}. "
