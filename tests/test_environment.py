@@ -168,12 +168,13 @@ def test_torchrun_processes_can_launch_several_times(tmp_path):
     script.write_text(
         "import phalanx as px\n"
         "for i in range(3):\n"
-        "    print('launch', i, px.launch(lambda: px.get_rank() + 10 * i, platform=px.Platform(device='cpu')))\n"
+        "    values = px.launch(lambda: px.get_rank() + 10 * i, platform=px.Platform(device='cpu'))\n"
+        "    print(f'launch {i} {values}', flush=True)\n"
     )
     result = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True, timeout=100)
     assert result.returncode == 0, result.stderr
     for i in range(3):
-        assert result.stdout.count(f"launch {i} [{10 * i}, {10 * i + 1}]") == 2
+        assert result.stdout.count(f"launch {i} [{10 * i}, {10 * i + 1}]") == 2, result.stdout
 
 
 @pytest.mark.cluster
