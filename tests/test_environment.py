@@ -185,3 +185,16 @@ def test_rank_helpers_answer_for_the_launcher_outside_a_launch(tmp_path):
     result = subprocess.run([*OPEN_MPI, str(script)], capture_output=True, text=True, timeout=100)
     assert result.returncode == 0, result.stderr
     assert "who 0 2" in result.stdout and "who 1 2" in result.stdout
+
+
+def test_torchrun_agent_store_wins_over_an_explicit_port(tmp_path):
+    script = tmp_path / "port.py"
+    script.write_text(
+        "import phalanx as px\n"
+        "platform = px.Platform(device='cpu', master_port=1, timeout=20)\n"
+        "print(f'values {px.launch(px.get_rank, platform=platform)}', flush=True)\n"
+    )
+    result = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True, timeout=100)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("values [0, 1]") == 2
+    assert "is ignored under torchrun" in result.stderr

@@ -8,6 +8,7 @@ that see only a lost peer can name the real cause in their `WorkerError`.
 from __future__ import annotations
 
 import pickle
+import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -34,10 +35,22 @@ def _next_launch() -> int:
 
 
 def _rendezvous(platform: Platform, environment: Environment) -> tuple[str, int]:
-    """The store's address: an explicit Platform value wins over the launcher's."""
-    address = platform.master_addr if platform.master_addr != "127.0.0.1" else environment.main_address()
-    port = platform.master_port or environment.main_port()
-    return address, port
+    """The store's address: an explicit Platform value wins over the launcher's.
+
+    Except under torchrun, whose agent already serves the store: another address would be a
+    store nobody serves, and every rank would wait for it until the timeout.
+    """
+    explicit_address = platform.master_addr != "127.0.0.1"
+    if environment.hosts_store_externally():
+        if explicit_address or platform.master_port is not None:
+            warnings.warn(
+                f"Platform(master_addr=..., master_port=...) is ignored under {environment.name}: its agent serves "
+                f"the store at {environment.main_address()}:{environment.main_port()}",
+                stacklevel=4,
+            )
+        return environment.main_address(), environment.main_port()
+    address = platform.master_addr if explicit_address else environment.main_address()
+    return address, platform.master_port or environment.main_port()
 
 
 def _join_store(environment: Environment, address: str, port: int, timeout: timedelta) -> dist.Store:
