@@ -35,6 +35,7 @@ from phalanx.launch import launch, submit
 from phalanx.platform import Platform
 from phalanx.recorder import Recorder
 from phalanx.seeding import seed_everything
+from phalanx.sweep import SweepResult, sweep
 from phalanx.training import ShardedLoader, dataloader, prepare_model, to_device, unwrap_model
 from phalanx.wrapper import Wrapper, wrapper
 
@@ -51,6 +52,7 @@ __all__ = [
     "Recorder",
     "SerializationError",
     "ShardedLoader",
+    "SweepResult",
     "WorkerError",
     "Wrapper",
     "add_platform_arguments",
@@ -71,6 +73,7 @@ __all__ = [
     "prepare_model",
     "seed_everything",
     "submit",
+    "sweep",
     "to_device",
     "unwrap_model",
     "wrapper",

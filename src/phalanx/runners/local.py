@@ -401,8 +401,12 @@ def run_local(
     platform: Platform,
     caller_rank: int | None,
     gather: bool,
+    environment: dict[str, str] | None = None,
 ) -> Any:
     """Run `fn` on `platform.n_procs` ranks of this node; see `phalanx.launch`.
+
+    `environment` adds variables to the ranks' environment only (a sweep pins each point's
+    GPU with CUDA_VISIBLE_DEVICES this way, without touching the caller's).
 
     With `n_nodes > 1` every node's caller does the same with its share of the ranks, and
     every node gets the full list back (see `phalanx.runners.nodes`).
@@ -412,6 +416,7 @@ def run_local(
     store = _job_store(platform)
     port = store.port if platform.node_rank == 0 else platform.master_port
     job = _job_description(platform, port, caller_rank, gather)
+    job["environ"].update(environment or {})
     first = platform.node_rank * platform.n_procs
     worker_ranks = [rank for rank in range(first, first + platform.n_procs) if rank != caller_rank]
     local_job = LocalJob(job, worker_ranks, platform)
