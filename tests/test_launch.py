@@ -169,3 +169,20 @@ stop.set()
     result = run_script(script)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[0, 1] exec"
+
+
+def test_launches_from_several_threads_at_once_all_succeed():
+    import threading
+
+    results, start = {}, threading.Barrier(4)
+
+    def one(index):
+        start.wait()  # all four threads ask the zygote for workers at the same moment
+        results[index] = px.launch(rank_and_arg, index, platform=CPU)
+
+    threads = [threading.Thread(target=one, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == {index: [(0, index), (1, index)] for index in range(4)}

@@ -21,7 +21,7 @@ from typing import Any
 
 import cloudpickle
 
-from phalanx.errors import PhalanxError, WorkerError
+from phalanx.errors import PhalanxError
 from phalanx.platform import Platform
 
 __all__ = ["SweepResult", "grid_points", "sweep"]
@@ -33,7 +33,7 @@ class SweepResult:
 
     params: dict[str, Any]
     value: Any = None
-    error: WorkerError | None = None
+    error: PhalanxError | None = None  # WorkerError, or LaunchError if the point could not start
     skipped: bool = False  # True when the value was read back from an earlier run's log_dir
 
     @property
@@ -120,7 +120,7 @@ def sweep(
             point = points[index]
             try:
                 value = _launch_with_environment(fn, point, environment, one_rank)
-            except WorkerError as error:
+            except PhalanxError as error:
                 results[index].error = error
             else:
                 results[index].value = value

@@ -23,6 +23,7 @@ job socket to signal every live worker of the job; EOF on it kills them.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import selectors
 import signal
@@ -78,6 +79,9 @@ class Zygote:
     pid: int
     started_by: str  # "fork" or "exec"
     process: subprocess.Popen | None = None
+    # Launches from several threads (a sweep's slots) share the control socket: one request
+    # must be written whole before the next begins, or the zygote reads a garbled stream.
+    send_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def alive(self) -> bool:
         try:
@@ -93,9 +97,10 @@ class Zygote:
         ours, theirs = socket.socketpair()
         try:
             message = encode(dict(header, payload_size=len(payload)))
-            socket.send_fds(self.control, [len(message).to_bytes(8, "big")], [theirs.fileno(), *fds])
-            self.control.sendall(message)
-            self.control.sendall(payload)
+            with self.send_lock:
+                socket.send_fds(self.control, [len(message).to_bytes(8, "big")], [theirs.fileno(), *fds])
+                self.control.sendall(message)
+                self.control.sendall(payload)
         except BaseException:
             ours.close()
             raise
