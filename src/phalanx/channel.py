@@ -32,11 +32,12 @@ def decode(frame: bytes) -> dict[str, Any]:
 
 def write_frame(fd: int, data: bytes) -> None:
     """Write one frame to a blocking descriptor, all of it."""
-    view = memoryview(_HEADER.pack(len(data)) + data) if len(data) < 1 << 16 else None
-    if view is None:
-        _write_all(fd, memoryview(_HEADER.pack(len(data))))
-        view = memoryview(data)
-    _write_all(fd, view)
+    header = _HEADER.pack(len(data))
+    if len(data) < 1 << 16:  # small frames go in one write; large ones are not copied to prepend the header
+        _write_all(fd, memoryview(header + data))
+    else:
+        _write_all(fd, memoryview(header))
+        _write_all(fd, memoryview(data))
 
 
 def _write_all(fd: int, view: memoryview) -> None:

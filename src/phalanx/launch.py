@@ -65,13 +65,11 @@ def launch(
 
         _check_caller_rank(caller_rank, None)
         return run_joined(fn, args, kwargs, _resolve_for(requested, environment), environment, gather)
-    platform = requested.resolve()
-    _check_caller_rank(caller_rank, platform)
-    if platform.cluster == "local":
-        from phalanx.runners.local import run_local
+    from phalanx.runners.local import run_local
 
-        return run_local(fn, args, kwargs, platform, caller_rank, gather)
-    raise LaunchError(f"cluster={platform.cluster!r} cannot start ranks here; use cluster='local'")
+    platform = requested.resolve()  # cluster "auto" with no launcher found, or "local"
+    _check_caller_rank(caller_rank, platform)
+    return run_local(fn, args, kwargs, platform, caller_rank, gather)
 
 
 def submit(fn: Callable[..., Any], *args: Any, platform: Platform, gather: bool = True, **kwargs: Any) -> SlurmJob:

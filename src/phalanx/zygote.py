@@ -410,8 +410,8 @@ class _Server:
             self.selector.unregister(job_socket)
             del self.readers[job_socket]
         for pid, owner in list(self.job_of.items()):
-            if owner is job_socket:
-                self.job_of[pid] = _DISCARD
+            if owner is job_socket:  # killed already; its exit, when reaped, goes unreported
+                del self.job_of[pid]
         job_socket.close()
 
     @staticmethod
@@ -424,19 +424,6 @@ class _Server:
                     os.kill(pid, signum)
                 except OSError:
                     pass
-
-
-class _Discard:
-    """Stands in for the job socket of a job the caller gave up; reports to it are dropped."""
-
-    def fileno(self) -> int:
-        raise OSError("job given up")
-
-    def close(self) -> None:
-        pass
-
-
-_DISCARD: Any = _Discard()
 
 
 def _forget_unfinished_imports() -> None:
