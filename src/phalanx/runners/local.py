@@ -89,6 +89,8 @@ class LocalJob:
         self._stopped_at: float | None = None
         self._kill_at: float | None = None
         self._killed = False
+        self._killed_at: float | None = None  # when phalanx itself escalated to SIGKILL
+        self._closed = False  # the job socket and the wake pipe are closed
         self._lock = threading.Lock()
         self._job_socket = None
         self._selector = selectors.DefaultSelector()
@@ -99,13 +101,12 @@ class LocalJob:
 
     def _make_worker(self, rank: int) -> _Worker:
         show, prefix = self.platform.console_logs, self.platform.rank_prefix
-        worker = _Worker(
+        return _Worker(
             rank=rank,
             result_fd=-1,
             stdout=RankOutput(rank, "stdout", show, prefix),
             stderr=RankOutput(rank, "stderr", show, prefix),
         )
-        return worker
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -182,6 +183,7 @@ class LocalJob:
                         self._read_output(key.fd, owner)
                 if self._kill_at is not None and not self._killed and time.monotonic() >= self._kill_at:
                     self._killed = True
+                    self._killed_at = time.time()
                     self._signal(signal.SIGKILL)
         except BaseException as error:  # never leave workers behind, whatever went wrong here
             self.internal_error = error
@@ -256,8 +258,11 @@ class LocalJob:
         if worker.returned or any(f.rank == worker.rank for f in self.failures):
             return
         description, code, signal_name = _describe_exit(status)
-        if self._stopped_at is not None and when >= self._stopped_at and signal_name in (None, "SIGTERM", "SIGKILL"):
-            return  # stopped by us after another rank failed: not a failure of its own
+        stopped_by_us = (signal_name == "SIGTERM" and self._stopped_at is not None and when >= self._stopped_at) or (
+            signal_name == "SIGKILL" and self._killed_at is not None and when >= self._killed_at
+        )
+        if stopped_by_us:
+            return  # phalanx stopped it after another rank failed: not a failure of its own
         tail = worker.stderr.tail_text()
         crash_report = _crash_report(tail)
         self.fail(
@@ -295,12 +300,16 @@ class LocalJob:
             self._stopped_at = time.time()
             self._kill_at = time.monotonic() + STOP_GRACE_SECONDS
         self._signal(signal.SIGTERM)
-        with contextlib.suppress(OSError):
-            os.write(self._wake_write, b"x")
+        with self._lock, contextlib.suppress(OSError):
+            if not self._closed:
+                os.write(self._wake_write, b"x")
 
     def _signal(self, signum: int) -> None:
-        with contextlib.suppress(OSError, AttributeError):
-            write_frame(self._job_socket.fileno(), encode({"signal": int(signum)}))
+        # Under the lock, and only while open: once closed, the descriptor number may belong to
+        # another launch's socket or store connection in this process.
+        with self._lock, contextlib.suppress(OSError, AttributeError):
+            if not self._closed:
+                write_frame(self._job_socket.fileno(), encode({"signal": int(signum)}))
 
     def _close_all(self) -> None:
         for worker in self.workers:
@@ -311,11 +320,13 @@ class LocalJob:
         for worker in self.workers:
             worker.stdout.close()
             worker.stderr.close()
-        with contextlib.suppress(Exception):
-            self._job_socket.close()
-        for fd in (self._wake_read, self._wake_write):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        with self._lock:
+            self._closed = True
+            with contextlib.suppress(Exception):
+                self._job_socket.close()
+            for fd in (self._wake_read, self._wake_write):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def wait(self) -> None:
         """Block until every worker has been reaped."""
