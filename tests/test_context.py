@@ -96,7 +96,7 @@ def test_truncated_or_corrupt_checkpoint_gives_a_clear_error_and_loads_nothing(t
     model = torch.nn.Linear(3, 3)
     ctx = px.Context(model=model, step=5)
     path = tmp_path / "ckpt.pt"
-    ctx.save(path)
+    ctx.save(path, wait=True)
     data = path.read_bytes()
     path.write_bytes({"truncate": data[: len(data) // 2], "garbage": os.urandom(len(data)), "empty": b""}[damage])
     before = [p.clone() for p in model.parameters()]
@@ -118,7 +118,7 @@ def test_a_checkpoint_that_does_not_fit_changes_nothing(tmp_path):
 
 def _crash_during_second_save(path: str, crash_in: str):
     ctx = px.Context(model=torch.nn.Linear(4, 4), step=1)
-    ctx.save(path)
+    ctx.save(path, wait=True)
     ctx.step = 2
     with torch.no_grad():
         ctx.model.weight.add_(1.0)
@@ -149,7 +149,7 @@ def test_process_killed_during_save_leaves_the_previous_checkpoint_loadable(tmp_
     assert info.value.exit_code == 9
     ctx = px.Context(model=torch.nn.Linear(4, 4), step=0)
     assert ctx.load(path) and ctx.step == 1
-    ctx.save(path)  # the next save cleans the half-written temporary file up
+    ctx.save(path, wait=True)  # the next save cleans the half-written temporary file up
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
 
 
@@ -208,6 +208,49 @@ def test_ddp_wraps_registered_models_in_a_distributed_run():
 def test_save_without_waiting_for_the_disk_is_still_a_complete_checkpoint(tmp_path):
     ctx = px.Context(model=torch.nn.Linear(2, 2), step=4)
     ctx.save(tmp_path / "fast.pt", durable=False)
+    assert sorted(os.listdir(tmp_path)) == ["fast.pt"]  # in place at once: nothing left to flush
     restored = px.Context(model=torch.nn.Linear(2, 2), step=0)
     assert restored.load(tmp_path / "fast.pt") and restored.step == 4
     assert sorted(os.listdir(tmp_path)) == ["fast.pt"]
+
+
+def test_durable_save_returns_before_the_flush_and_the_file_is_in_place_after_wait(tmp_path):
+    ctx = px.Context(model=torch.nn.Linear(64, 64), step=7)
+    ctx.save(tmp_path / "ckpt.pt")
+    ctx.wait()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 7
+
+
+def _save_then_return(path: str) -> int:
+    px.Context(model=torch.nn.Linear(256, 256), step=px.get_rank()).save(path)
+    return px.get_rank()  # the rank ends with its checkpoint possibly still being flushed
+
+
+def test_a_rank_reports_its_value_only_once_its_last_checkpoint_is_in_place(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    assert px.launch(_save_then_return, path, platform=CPU) == [0, 1]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+    assert torch.load(path, weights_only=True)["step"] == 0
+
+
+def _fail_to_flush(path: str) -> None:
+    ctx = px.Context(step=1)
+    ctx.save(path, wait=True)
+    import phalanx.context
+
+    def no_space(*args):
+        raise OSError(28, "No space left on device")
+
+    phalanx.context.os.fsync = no_space  # the next flush fails, as on a full disk
+    ctx.step = 2
+    ctx.save(path)
+
+
+def test_a_failed_background_flush_fails_the_rank_and_keeps_the_previous_checkpoint(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    with pytest.raises(px.WorkerError, match="No space left on device") as info:
+        px.launch(_fail_to_flush, path, platform=px.Platform(device="cpu", n_procs=1))
+    assert info.value.exc_type == "CheckpointError"
+    assert px.Context(step=0).load(path) and torch.load(path, weights_only=True)["step"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]

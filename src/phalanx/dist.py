@@ -8,6 +8,7 @@ unchanged in both.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -56,6 +57,35 @@ def _enter_rank(rank_device: torch.device, local_rank: int, local_world_size: in
 
 def _leave_rank() -> None:
     _state.device = _state.local_rank = _state.local_world_size = _state.node_rank = None
+
+
+_finishers: list[Callable[[], None]] = []
+
+
+def _on_finish(callback: Callable[[], None]) -> None:
+    """Have `callback` run when a rank's function ends, before its value or failure is reported.
+
+    A `Context` registers the wait for its background checkpoint write this way, so that the
+    caller never sees a rank finish with its last checkpoint still in flight.
+    """
+    if callback not in _finishers:
+        _finishers.append(callback)
+
+
+def call_rank_function(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+    """Run a rank's function, then what must finish before its outcome is reported."""
+    try:
+        value = fn(*args, **kwargs)
+    except BaseException:
+        for finish in _finishers:
+            try:
+                finish()
+            except BaseException:  # the function's own failure is the one to report
+                pass
+        raise
+    for finish in _finishers:
+        finish()
+    return value
 
 
 def _env_int(name: str, default: int) -> int:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch.distributed as dist
 
 from phalanx.cli import RUN_VARIABLE
+from phalanx.dist import call_rank_function
 from phalanx.environment import Environment, detect_environment
 from phalanx.errors import LaunchError, PlatformError
 from phalanx.platform import Platform
@@ -95,7 +96,7 @@ def submit(fn: Callable[..., Any], *args: Any, platform: Platform, gather: bool 
 
 def _run_in_current_group(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], gather: bool) -> Any:
     """Inside a rank of `phalanx run`: the group exists already; run here and gather the values."""
-    value = fn(*args, **kwargs)
+    value = call_rank_function(fn, args, kwargs)
     values: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(values, value if gather or dist.get_rank() == 0 else None)
     return values if gather else values[0]

@@ -150,7 +150,7 @@ def run_rank(job: dict[str, Any], spec: dict[str, Any], payload: bytes, result_f
         fn, args, kwargs = cloudpickle.loads(payload)
         session.enter_context(rank_session(job, rank, spec["local_rank"], store=None))
         during = "run"
-        value = fn(*args, **kwargs)
+        value = rank_state.call_rank_function(fn, args, kwargs)
         if not job["gather"] and rank != 0:
             value = None  # only rank 0's value goes back: save the transfer
         message = {"ok": dumps_value(value, f"the return value of rank {rank}")}

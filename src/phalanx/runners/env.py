@@ -15,6 +15,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from phalanx.dist import call_rank_function
 from phalanx.environment import Environment
 from phalanx.errors import LaunchError, RankFailure, WorkerError
 from phalanx.platform import Platform
@@ -118,7 +119,7 @@ def run_joined(
         ) from error
     with rank_session(job, rank, local_rank, store):
         try:
-            value = fn(*args, **kwargs)
+            value = call_rank_function(fn, args, kwargs)
         except SystemExit:
             # The process is leaving on purpose (submitit requeues a preempted job this way);
             # the launcher that owns it decides what that exit means.

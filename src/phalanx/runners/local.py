@@ -24,6 +24,7 @@ import cloudpickle
 import torch.distributed as dist
 
 from phalanx.channel import FrameReader, decode, dumps_call, dumps_value, encode, write_frame
+from phalanx.dist import call_rank_function
 from phalanx.errors import LaunchError, RankFailure, WorkerError
 from phalanx.output import RankOutput
 from phalanx.platform import Platform
@@ -377,7 +378,7 @@ def _run_in_caller(fn, args, kwargs, job: dict, store, rank: int, local_job: Loc
     try:
         with rank_session(job, rank, rank, store):
             try:
-                return fn(*args, **kwargs), True
+                return call_rank_function(fn, args, kwargs), True
             except BaseException as error:
                 # Stamp and report before the session ends: tearing the group down makes the
                 # workers fail too, and the cause must stay the earliest failure.
