@@ -51,6 +51,9 @@ class FrameReader:
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._head = bytearray()  # `read_from`: the header being read
+        self._body: bytearray | None = None  # `read_from`: the frame being filled, at its full size
+        self._filled = 0
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         self._buffer += data
@@ -62,6 +65,36 @@ class FrameReader:
             frame = bytes(self._buffer[_HEADER.size : end])
             del self._buffer[:end]
             yield frame
+
+    def read_from(self, fd: int) -> tuple[list[bytearray], bool]:
+        """Read what the non-blocking `fd` holds now: (the whole frames, whether it reached its end).
+
+        A frame's body is read straight into a buffer of its announced size, so a large value
+        is not copied again on its way in.
+        """
+        frames = []
+        while True:
+            try:
+                if self._body is None:
+                    chunk = os.read(fd, _HEADER.size - len(self._head))
+                    if not chunk:
+                        return frames, True
+                    self._head += chunk
+                    if len(self._head) == _HEADER.size:
+                        (size,) = _HEADER.unpack(self._head)
+                        self._head.clear()
+                        self._body, self._filled = bytearray(size), 0
+                else:
+                    with memoryview(self._body) as view:
+                        count = os.readv(fd, [view[self._filled :]])
+                    if not count:
+                        return frames, True
+                    self._filled += count
+            except BlockingIOError:
+                return frames, False
+            if self._body is not None and self._filled == len(self._body):
+                frames.append(self._body)
+                self._body = None
 
 
 def _describe(value: object) -> str:
@@ -91,9 +124,17 @@ def dumps_call(fn: Any, args: tuple, kwargs: dict[str, Any]) -> bytes:
         raise SerializationError(f"the call cannot be pickled: {type(error).__name__}: {error}") from error
 
 
-def dumps_value(value: Any, what: str) -> bytes:
-    """Pickle a value for the caller; `what` names it in the error ("the return value of rank 1")."""
+def dumps_value(value: Any, what: str, shared_prefix: str | None = None) -> bytes:
+    """Pickle a value for the caller; `what` names it in the error ("the return value of rank 1").
+
+    With `shared_prefix`, large CPU tensors go through shared memory files of that prefix
+    (see `phalanx.shared_tensors`); the caller must be on the same machine.
+    """
     try:
+        if shared_prefix is not None:
+            from phalanx.shared_tensors import dumps_sharing_tensors
+
+            return dumps_sharing_tensors(value, shared_prefix)
         return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as error:
         raise SerializationError(

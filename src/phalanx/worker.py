@@ -153,7 +153,9 @@ def run_rank(job: dict[str, Any], spec: dict[str, Any], payload: bytes, result_f
         value = rank_state.call_rank_function(fn, args, kwargs)
         if not job["gather"] and rank != 0:
             value = None  # only rank 0's value goes back: save the transfer
-        message = {"ok": dumps_value(value, f"the return value of rank {rank}")}
+        prefix = job.get("shared_prefix")
+        shared_prefix = f"{prefix}rank{rank}-" if prefix else None
+        message = {"ok": dumps_value(value, f"the return value of rank {rank}", shared_prefix)}
     except BaseException as error:  # everything reaches the caller, SystemExit included
         if isinstance(error, SerializationError):
             error.__cause__ = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import fcntl
 import os
 import selectors
 import signal
@@ -30,6 +31,7 @@ from phalanx.output import RankOutput
 from phalanx.platform import Platform
 from phalanx.rendezvous import connect_store, host_store
 from phalanx.runners.nodes import NodeGroup
+from phalanx.shared_tensors import launch_prefix, remove_shared_files
 from phalanx.worker import failure_record, rank_session
 from phalanx.zygote import get_zygote
 from phalanx.zygote import shutdown as shutdown_zygote
@@ -116,6 +118,8 @@ class LocalJob:
         try:
             for worker in self.workers:
                 worker.result_fd, result_write = os.pipe()
+                with contextlib.suppress(OSError):  # fewer wake-ups for a large value (1 MiB: the usual limit)
+                    fcntl.fcntl(result_write, fcntl.F_SETPIPE_SZ, 1 << 20)
                 out_read, out_write = os.pipe()
                 err_read, err_write = os.pipe()
                 worker.output_fds = {out_read: worker.stdout, err_read: worker.stderr}
@@ -207,9 +211,16 @@ class LocalJob:
             self._on_exit(worker, message["status"], message["time"])
 
     def _read_result(self, worker: _Worker) -> None:
-        for chunk in self._drain(worker.result_fd):
-            for frame in worker.frames.feed(chunk):
-                self._on_message(worker, decode(frame))
+        if worker.result_fd not in self._owned_fds:
+            return
+        try:
+            frames, ended = worker.frames.read_from(worker.result_fd)
+        except OSError:
+            frames, ended = [], True
+        for frame in frames:
+            self._on_message(worker, decode(frame))
+        if ended:
+            self._forget(worker.result_fd)
 
     def _read_output(self, fd: int, output: RankOutput) -> None:
         for chunk in self._drain(fd):
@@ -358,6 +369,8 @@ def _job_description(platform: Platform, port: int, caller_rank: int | None, gat
         "seed": platform.seed,
         "caller_rank": caller_rank,
         "gather": gather,
+        # values that cross nodes go through the store, where a shared memory file means nothing
+        "shared_prefix": launch_prefix() if platform.n_nodes == 1 else None,
         "environ": dict(os.environ),
         "sys_path": list(sys.path),
         "cwd": os.getcwd(),
@@ -440,36 +453,44 @@ def run_local(
     caller_value: Any = None
     try:
         try:
-            local_job.start(payload)
-            if caller_rank is not None:
-                caller_value, _ = _run_in_caller(fn, args, kwargs, job, store, caller_rank, local_job)
-            local_job.wait()
-        except KeyboardInterrupt:
+            try:
+                local_job.start(payload)
+                if caller_rank is not None:
+                    caller_value, _ = _run_in_caller(fn, args, kwargs, job, store, caller_rank, local_job)
+                local_job.wait()
+            except KeyboardInterrupt:
+                local_job.stop()
+                local_job.wait()
+                if not local_job.failures:
+                    raise
+            if local_job.internal_error is not None:
+                raise LaunchError(f"phalanx lost track of the workers: {local_job.internal_error!r}") from (
+                    local_job.internal_error
+                )
+            values = {worker.rank: worker.value for worker in local_job.workers if worker.value is not None}
+            failures = list(local_job.failures)
+            if nodes is not None:
+                if caller_rank is not None and not failures:
+                    values[caller_rank] = dumps_value(caller_value, f"the return value of rank {caller_rank}")
+                values, failures = nodes.exchange(values, failures)
+                nodes.close()
+        finally:
             local_job.stop()
             local_job.wait()
-            if not local_job.failures:
-                raise
-        if local_job.internal_error is not None:
-            raise LaunchError(f"phalanx lost track of the workers: {local_job.internal_error!r}") from (
-                local_job.internal_error
-            )
-        values = {worker.rank: worker.value for worker in local_job.workers if worker.value is not None}
-        failures = list(local_job.failures)
-        if nodes is not None:
-            if caller_rank is not None and not failures:
-                values[caller_rank] = dumps_value(caller_value, f"the return value of rank {caller_rank}")
-            values, failures = nodes.exchange(values, failures)
-            nodes.close()
-    finally:
-        local_job.stop()
-        local_job.wait()
-        del store  # closes the listening socket: the port is free again
+            del store  # closes the listening socket: the port is free again
+    except BaseException:
+        remove_shared_files(job["shared_prefix"])
+        raise
     if failures:
+        remove_shared_files(job["shared_prefix"])  # what a failed or stopped rank left unmapped
         error = WorkerError(failures)
         if error.failures[0].during == "setup":
             raise LaunchError(f"the ranks could not start or meet: {error}") from error
         raise error
-    result = _collect(values, world_size, gather)
+    try:
+        result = _collect(values, world_size, gather)
+    finally:
+        remove_shared_files(job["shared_prefix"])
     if caller_rank is not None:  # the caller's own value is the object itself, not a copy
         if gather:
             result[caller_rank] = caller_value
