@@ -24,6 +24,7 @@ from phalanx.dist import (
 )
 from phalanx.errors import (
     CheckpointError,
+    HangError,
     LaunchError,
     PhalanxError,
     PlatformError,
@@ -44,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "Context",
+    "HangError",
     "LaunchError",
     "PhalanxError",
     "Platform",

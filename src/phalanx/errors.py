@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "CheckpointError",
+    "HangError",
     "LaunchError",
     "PhalanxError",
     "PlatformError",
@@ -136,3 +137,30 @@ class WorkerError(PhalanxError, RuntimeError):
 
     def __reduce__(self):  # keep the failures when the error itself is pickled
         return (type(self), (self.failures,))
+
+
+class HangError(WorkerError):
+    """The job stopped progressing: a collective some rank never joined, or a rank stuck.
+
+    Raised after `Platform(timeout=...)` ran out. On top of `WorkerError`'s attributes:
+    `verdict` (who waited in which collective, who never arrived), `never_arrived` (those
+    ranks) and `stacks` (every rank's Python stack at the moment the hang was detected, by rank).
+    """
+
+    def __init__(
+        self, failures: list[RankFailure], stacks: dict[int, str], verdict: str, never_arrived: list[int]
+    ) -> None:
+        self.stacks = dict(sorted(stacks.items()))
+        self.verdict = verdict
+        self.never_arrived = list(never_arrived)
+        super().__init__(failures)
+
+    def _describe(self) -> str:
+        lines = [f"the job hung: {self.verdict}." if self.verdict else "the job hung.", ""]
+        lines.append(f"Cause as first reported: {self.failures[0].summary()}")
+        for rank, stack in self.stacks.items():
+            lines += ["", f"Stack of rank {rank}:", stack.rstrip() or "(empty)"]
+        return "\n".join(lines)
+
+    def __reduce__(self):
+        return (type(self), (self.failures, self.stacks, self.verdict, self.never_arrived))

@@ -23,8 +23,25 @@ class RankOutput:
         self.prefix = f"[rank {rank}] " if prefix else ""
         self.tail: deque[str] = deque(maxlen=_TAIL_LINES)
         self._partial = b""
+        self._captured: bytearray | None = None
+
+    def start_capture(self) -> None:
+        """Keep what arrives from now on instead of showing it (a stack dump the caller asked for)."""
+        self._captured = bytearray()
+
+    def stop_capture(self) -> str:
+        text = bytes(self._captured or b"").decode("utf-8", errors="replace")
+        self._captured = None
+        return text
+
+    @property
+    def captured_anything(self) -> bool:
+        return bool(self._captured)
 
     def feed(self, data: bytes) -> None:
+        if self._captured is not None:
+            self._captured += data
+            return
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
         if lines:

@@ -10,6 +10,7 @@ import contextlib
 import faulthandler
 import io
 import os
+import signal
 import sys
 import time
 import traceback
@@ -86,9 +87,11 @@ def rank_session(job: dict[str, Any], rank: int, local_rank: int, store: dist.St
 
 
 def _user_traceback(error: BaseException) -> str:
-    """The traceback without its first frame, which is phalanx's own call of the function."""
+    """The traceback from the user's function down: phalanx's own calls of it are left out."""
     tb = error.__traceback__
     if tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next  # the frame that caught the error
+    if tb is not None and tb.tb_next is not None and tb.tb_frame.f_code is rank_state.call_rank_function.__code__:
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(error), error, tb))
 
@@ -118,6 +121,9 @@ def _fresh_standard_streams() -> None:
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True, errors="replace")
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
     faulthandler.enable(file=sys.stderr)
+    # A hang report asks every rank for its stack with SIGUSR1; this answers even while the
+    # rank is blocked inside a collective. A copy of the descriptor, in case user code moves fd 2.
+    faulthandler.register(signal.SIGUSR1, file=os.dup(2), all_threads=True, chain=False)
 
 
 def _send(result_fd: int, message: dict[str, Any]) -> bool:

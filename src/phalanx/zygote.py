@@ -345,6 +345,8 @@ class _Server:
             for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGPIPE):
                 signal.signal(signum, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            # Until the worker registers its stack dump on SIGUSR1, a hang report's request must not kill it.
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
             result_fd, out_fd, err_fd = fds
             os.dup2(out_fd, 1)
             os.dup2(err_fd, 2)
@@ -403,7 +405,9 @@ class _Server:
             self._forget(job_socket)
             return
         for frame in self.readers[job_socket].feed(data):
-            self._kill(pids, decode(frame)["signal"])
+            message = decode(frame)
+            targets = [pid for pid in message.get("pids") or pids if pid in pids]  # never beyond this job
+            self._kill(targets, message["signal"], whole_group=not message.get("leader_only", False))
 
     def _forget(self, job_socket: socket.socket) -> None:
         if job_socket in self.readers:
@@ -415,9 +419,12 @@ class _Server:
         job_socket.close()
 
     @staticmethod
-    def _kill(pids: list[int], signum: int) -> None:
+    def _kill(pids: list[int], signum: int, whole_group: bool = True) -> None:
+        """Signal each worker's process group (its children too), or with `whole_group=False` the worker alone."""
         for pid in pids:
             try:
+                if not whole_group:
+                    raise OSError  # straight to os.kill
                 os.killpg(pid, signum)
             except OSError:
                 try:

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,8 @@ import torch.distributed as dist
 
 from phalanx.channel import FrameReader, decode, dumps_call, dumps_value, encode, write_frame
 from phalanx.dist import call_rank_function
-from phalanx.errors import LaunchError, RankFailure, WorkerError
+from phalanx.errors import HangError, LaunchError, RankFailure, WorkerError
+from phalanx.hangs import collective_in, hang_verdict, innermost_frame, looks_like_timeout, trim_dump
 from phalanx.output import RankOutput
 from phalanx.platform import Platform
 from phalanx.rendezvous import connect_store, host_store
@@ -39,6 +41,8 @@ from phalanx.zygote import shutdown as shutdown_zygote
 __all__ = ["STOP_GRACE_SECONDS", "run_local"]
 
 STOP_GRACE_SECONDS = 2.0  # between SIGTERM and SIGKILL when ranks are stopped
+_STACK_WAIT_SECONDS = 2.0  # at most, for every live rank's stack once a hang is detected
+_STACK_QUIET_SECONDS = 0.1  # a rank's stack dump is whole once it has written nothing for this long
 _START_TIMEOUT_SECONDS = 60.0  # for the zygote to confirm that the workers exist
 
 
@@ -101,6 +105,15 @@ class LocalJob:
         self._owned_fds: set[int] = set()
         self._interrupt_caller: Callable[[], None] | None = None
         self.on_failure: Callable[[], None] | None = None  # tells the other nodes, if any
+        # Hang reports (see phalanx.hangs): every live rank's stack, asked for before the stop.
+        self.hang_detected = False
+        self.stacks: dict[int, str] = {}
+        self._collect_until: float | None = None  # monotonic deadline while stacks are being collected
+        self._stack_workers: list[_Worker] = []
+        self._last_stack_byte = 0.0
+        self._progress_deadline: float | None = None  # the first return + timeout: others must be done by then
+        self._first_returned: int | None = None
+        self._caller_thread: int | None = None  # the thread running the caller's rank, while it runs
 
     def _make_worker(self, rank: int) -> _Worker:
         show, prefix = self.platform.console_logs, self.platform.rank_prefix
@@ -173,10 +186,7 @@ class LocalJob:
     def _monitor(self) -> None:
         try:
             while any(not worker.exited for worker in self.workers):
-                timeout = None
-                if self._kill_at is not None and not self._killed:
-                    timeout = max(0.0, self._kill_at - time.monotonic())
-                for key, _ in self._selector.select(timeout):
+                for key, _ in self._selector.select(self._next_wake_up()):
                     kind, owner = key.data
                     if kind == "job":
                         self._read_job_socket()
@@ -186,6 +196,7 @@ class LocalJob:
                         self._read_result(owner)
                     else:
                         self._read_output(key.fd, owner)
+                self._check_hang(time.monotonic())
                 if self._kill_at is not None and not self._killed and time.monotonic() >= self._kill_at:
                     self._killed = True
                     self._killed_at = time.time()
@@ -225,6 +236,8 @@ class LocalJob:
     def _read_output(self, fd: int, output: RankOutput) -> None:
         for chunk in self._drain(fd):
             output.feed(chunk)
+            if self._collect_until is not None:
+                self._last_stack_byte = time.monotonic()
 
     def _drain(self, fd: int) -> list[bytes]:
         """Whatever the descriptor holds now; closes it at end of file."""
@@ -255,6 +268,7 @@ class LocalJob:
         if "ok" in message:
             worker.value = message["ok"]
             worker.returned = True
+            self.note_returned(worker.rank)
         else:
             self.fail(RankFailure.from_record(message["error"]))
 
@@ -293,15 +307,134 @@ class LocalJob:
     # -- stopping ---------------------------------------------------------------------------
 
     def fail(self, failure: RankFailure) -> None:
-        """Record a failure and stop every rank (the first failure by time is the cause)."""
+        """Record a failure and stop every rank (the first failure by time is the cause).
+
+        A failure that says a collective timed out first has every live rank's stack
+        collected, for the hang report; the ranks are stopped after that.
+        """
         with self._lock:
             self.failures.append(failure)
+            if self._collect_until is not None:
+                return  # stacks are being collected; the job stops when that is done
+            collect = not self.hang_detected and not self._stopping and looks_like_timeout(failure)
+            self.hang_detected = self.hang_detected or collect
+        if collect and self._start_collecting():
+            return
+        self._stop_after_failure(failure.rank)
+
+    def _stop_after_failure(self, rank: int) -> None:
         if self.on_failure is not None:
             self.on_failure()
         self.stop()
         interrupt = self._interrupt_caller
-        if interrupt is not None and failure.rank != self.job.get("caller_rank"):
+        if interrupt is not None and rank != self.job.get("caller_rank"):
             interrupt()
+
+    # -- hang reports -----------------------------------------------------------------------
+
+    def note_returned(self, rank: int) -> None:
+        """A rank returned: from now on, every other rank has `timeout` seconds to do the same."""
+        with self._lock:
+            if self._progress_deadline is None:
+                self._progress_deadline = time.monotonic() + self.job["timeout"]
+                self._first_returned = rank
+        self._wake()
+
+    def _next_wake_up(self) -> float | None:
+        deadlines = [self._progress_deadline, self._collect_until]
+        if self._collect_until is not None:
+            deadlines.append(self._last_stack_byte + _STACK_QUIET_SECONDS)
+        if self._kill_at is not None and not self._killed:
+            deadlines.append(self._kill_at)
+        pending = [deadline for deadline in deadlines if deadline is not None]
+        return max(0.0, min(pending) - time.monotonic()) if pending else None
+
+    def _check_hang(self, now: float) -> None:
+        if self._collect_until is not None:
+            complete = all(worker.exited or worker.stderr.captured_anything for worker in self._stack_workers)
+            if now >= self._collect_until or (complete and now - self._last_stack_byte >= _STACK_QUIET_SECONDS):
+                self._finish_collecting()
+        elif self._progress_deadline is not None and now >= self._progress_deadline:
+            self._progress_deadline = None
+            if not self._stopping and not self.hang_detected:
+                self._on_no_progress()
+
+    def _on_no_progress(self) -> None:
+        """A rank returned `timeout` seconds ago and others still run: report them as hung."""
+        caller_rank = self.job.get("caller_rank")
+        stuck = [worker.rank for worker in self.workers if not worker.exited and not worker.returned]
+        if self._caller_thread is not None:
+            stuck.append(caller_rank)
+        if not stuck:
+            return
+        seconds = self.job["timeout"]
+        with self._lock:
+            self.hang_detected = True
+            message = f"made no progress: it had not returned {seconds:g} s after rank {self._first_returned} did"
+            for rank in sorted(stuck):
+                self.failures.append(RankFailure(rank, exc_type="", message=message, traceback="", time=time.time()))
+        if not self._start_collecting(stuck):
+            self._stop_after_failure(min(stuck))
+
+    def _start_collecting(self, stuck: list[int] | None = None) -> bool:
+        """Ask the live ranks for their stacks (SIGUSR1: faulthandler answers). False if none is live.
+
+        Ranks that reported a failure are left out (their traceback says where they were),
+        unless `stuck` names them: those were marked failed for not progressing.
+        """
+        caller_thread = self._caller_thread
+        if caller_thread is not None:
+            frame = sys._current_frames().get(caller_thread)
+            if frame is not None:
+                newest_first = traceback.format_list(traceback.extract_stack(frame)[::-1])
+                self.stacks[self.job["caller_rank"]] = "".join(newest_first)
+        failed = {failure.rank for failure in self.failures} - set(stuck or ())
+        live = [w for w in self.workers if not w.exited and not w.returned and w.rank not in failed]
+        if not live:
+            return False
+        for worker in live:
+            worker.stderr.start_capture()
+        with self._lock:
+            self._stack_workers = live
+            self._last_stack_byte = time.monotonic()
+            self._collect_until = self._last_stack_byte + _STACK_WAIT_SECONDS
+        self._signal(signal.SIGUSR1, leader_only=True, pids=[worker.pid for worker in live])
+        self._wake()
+        return True
+
+    def _finish_collecting(self) -> None:
+        for worker in self._stack_workers:
+            self.stacks[worker.rank] = trim_dump(worker.stderr.stop_capture())
+        with self._lock:
+            self._collect_until = None
+            first = min(self.failures, key=lambda failure: failure.time)
+        self._stop_after_failure(first.rank)
+
+    def error_for(self, failures: list[RankFailure]) -> WorkerError:
+        """The error the caller raises: a `HangError` with every rank's stack after a hang."""
+        if not self.hang_detected:
+            return WorkerError(failures)
+        waiting: dict[int, str] = {}
+        elsewhere: dict[int, str] = {}
+        for failure in failures:
+            collective = collective_in(failure.traceback, newest_first=False)
+            if collective and looks_like_timeout(failure):
+                waiting[failure.rank] = collective
+            elif failure.rank not in self.stacks:
+                elsewhere[failure.rank] = failure.summary().removeprefix(f"rank {failure.rank} ")
+        for rank, stack in self.stacks.items():
+            collective = collective_in(stack, newest_first=True)
+            if collective:
+                waiting[rank] = collective
+            else:
+                elsewhere[rank] = innermost_frame(stack)
+        first = self.job["node_rank"] * self.job["local_world_size"]
+        ranks = list(range(first, first + self.job["local_world_size"]))
+        for worker in self.workers:
+            if worker.returned and worker.rank not in waiting:
+                elsewhere.setdefault(worker.rank, "had returned")
+        never_arrived = [rank for rank in ranks if rank not in waiting] if waiting else sorted(self.stacks)
+        return HangError(failures, self.stacks, hang_verdict(ranks, waiting, elsewhere), never_arrived)
 
     def stop(self) -> None:
         """SIGTERM every live worker now, SIGKILL after the grace period. Idempotent."""
@@ -312,16 +445,22 @@ class LocalJob:
             self._stopped_at = time.time()
             self._kill_at = time.monotonic() + STOP_GRACE_SECONDS
         self._signal(signal.SIGTERM)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Have the monitor thread look at its deadlines again."""
         with self._lock, contextlib.suppress(OSError):
             if not self._closed:
                 os.write(self._wake_write, b"x")
 
-    def _signal(self, signum: int) -> None:
+    def _signal(self, signum: int, leader_only: bool = False, pids: list[int] | None = None) -> None:
+        """Signal the job's workers (`pids`: only those) with their children, or `leader_only`."""
         # Under the lock, and only while open: once closed, the descriptor number may belong to
         # another launch's socket or store connection in this process.
+        message = {"signal": int(signum), "leader_only": leader_only, "pids": pids}
         with self._lock, contextlib.suppress(OSError, AttributeError):
             if not self._closed:
-                write_frame(self._job_socket.fileno(), encode({"signal": int(signum)}))
+                write_frame(self._job_socket.fileno(), encode(message))
 
     def _close_all(self) -> None:
         for worker in self.workers:
@@ -391,7 +530,11 @@ def _run_in_caller(fn, args, kwargs, job: dict, store, rank: int, local_job: Loc
     try:
         with rank_session(job, rank, rank, store):
             try:
-                return call_rank_function(fn, args, kwargs), True
+                local_job._caller_thread = threading.get_ident()
+                value = call_rank_function(fn, args, kwargs)
+                local_job._caller_thread = None
+                local_job.note_returned(rank)
+                return value, True
             except BaseException as error:
                 # Stamp and report before the session ends: tearing the group down makes the
                 # workers fail too, and the cause must stay the earliest failure.
@@ -403,6 +546,7 @@ def _run_in_caller(fn, args, kwargs, job: dict, store, rank: int, local_job: Loc
                 return None, False
     finally:
         local_job._interrupt_caller = None
+        local_job._caller_thread = None
 
 
 def _job_store(platform: Platform) -> dist.Store:
@@ -483,7 +627,7 @@ def run_local(
         raise
     if failures:
         remove_shared_files(job["shared_prefix"])  # what a failed or stopped rank left unmapped
-        error = WorkerError(failures)
+        error = local_job.error_for(failures)
         if error.failures[0].during == "setup":
             raise LaunchError(f"the ranks could not start or meet: {error}") from error
         raise error
