@@ -24,6 +24,7 @@ __all__ = [
     "get_local_world_size",
     "get_node_rank",
     "get_rank",
+    "get_restart_count",
     "get_world_size",
     "is_distributed",
     "is_master",
@@ -144,6 +145,11 @@ def get_node_rank() -> int:
     if _state.node_rank is not None:
         return _state.node_rank
     return _env_int("NODE_RANK", _env_int("GROUP_RANK", 0))
+
+
+def get_restart_count() -> int:
+    """How many times `Platform(max_restarts=...)` has restarted this job so far (0 on the first try)."""
+    return _env_int("PHALANX_RESTART_COUNT", 0)
 
 
 def is_master() -> bool:

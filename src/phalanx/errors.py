@@ -111,6 +111,8 @@ class WorkerError(PhalanxError, RuntimeError):
     `signal_name` and `failures` (every failed rank, first failure first).
     """
 
+    attempts: list[WorkerError] = []  # with Platform(max_restarts=k): every attempt's error, this one last
+
     def __init__(self, failures: list[RankFailure]) -> None:
         if not failures:
             raise ValueError("WorkerError needs at least one failure")
@@ -135,8 +137,21 @@ class WorkerError(PhalanxError, RuntimeError):
             lines += ["", f"Last output of rank {first.rank}:", first.output_tail.rstrip()]
         return "\n".join(lines)
 
-    def __reduce__(self):  # keep the failures when the error itself is pickled
-        return (type(self), (self.failures,))
+    def after_restarts(self, earlier: list[WorkerError]) -> WorkerError:
+        """This error as the last of several attempts: its message lists every attempt's failure."""
+        self.attempts = [*earlier, self]
+        lines = [f"the job failed {len(self.attempts)} times (1 try and {len(earlier)} restart(s)):"]
+        for number, attempt in enumerate(self.attempts, start=1):
+            lines.append(f"  attempt {number}: {attempt.failures[0].summary().splitlines()[0]}")
+        self.args = ("\n".join(lines) + "\n\nThe last attempt: " + self._describe(),)
+        return self
+
+    def __reduce__(self):  # keep the failures (and the attempts) when the error itself is pickled
+        return (type(self), (self.failures,), {"attempts": self.attempts, "args": self.args})
+
+    def __setstate__(self, state: dict) -> None:
+        self.attempts = state["attempts"]
+        self.args = state["args"]
 
 
 class HangError(WorkerError):
@@ -163,4 +178,8 @@ class HangError(WorkerError):
         return "\n".join(lines)
 
     def __reduce__(self):
-        return (type(self), (self.failures, self.stacks, self.verdict, self.never_arrived))
+        return (
+            type(self),
+            (self.failures, self.stacks, self.verdict, self.never_arrived),
+            {"attempts": self.attempts, "args": self.args},
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -13,7 +14,7 @@ import torch.distributed as dist
 from phalanx.cli import RUN_VARIABLE
 from phalanx.dist import call_rank_function
 from phalanx.environment import Environment, detect_environment
-from phalanx.errors import LaunchError, PlatformError
+from phalanx.errors import LaunchError, PlatformError, WorkerError
 from phalanx.platform import Platform
 
 if TYPE_CHECKING:
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 __all__ = ["launch", "submit"]
 
 T = TypeVar("T")
+
+RESTART_VARIABLE = "PHALANX_RESTART_COUNT"  # in every rank: 0 on the first try, k on the k-th restart
 
 
 def launch(
@@ -52,6 +55,48 @@ def launch(
     if os.environ.get(RUN_VARIABLE) == "1" and dist.is_initialized():
         return _run_in_current_group(fn, args, kwargs, gather)
     requested = platform or Platform()
+    environment = None if requested.cluster == "slurm" else _environment_for(requested)
+    if environment is not None:
+        from phalanx.runners.env import run_joined
+
+        _check_caller_rank(caller_rank, None)
+        if requested.max_restarts:
+            warnings.warn(
+                f"Platform(max_restarts={requested.max_restarts}) does not restart processes that "
+                f"{environment.name} started: a failure ends them, and their launcher restarts them "
+                "(torchrun --max-restarts, SLURM requeue).",
+                stacklevel=2,
+            )
+        joined = _resolve_for(dataclasses.replace(requested, max_restarts=0), environment)
+        return run_joined(fn, args, kwargs, joined, environment, gather)
+    failed_attempts: list[WorkerError] = []
+    while True:
+        try:
+            return _launch_once(fn, args, kwargs, requested, caller_rank, gather, len(failed_attempts))
+        except WorkerError as error:
+            if len(failed_attempts) >= requested.max_restarts:
+                if failed_attempts:
+                    error.after_restarts(failed_attempts)
+                raise
+            failed_attempts.append(error)
+            print(
+                f"phalanx: {error.failures[0].summary().splitlines()[0]}; restarting every rank "
+                f"(restart {len(failed_attempts)} of {requested.max_restarts})",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def _launch_once(
+    fn: Callable[..., Any],
+    args: tuple,
+    kwargs: dict[str, Any],
+    requested: Platform,
+    caller_rank: int | None,
+    gather: bool,
+    restart: int,
+) -> Any:
+    """One attempt of `launch` on SLURM or here; `restart` counts the attempts before it."""
     if requested.cluster == "slurm":
         _check_caller_rank(caller_rank, None)
         job = submit(fn, *args, platform=requested, gather=gather, **kwargs)
@@ -60,17 +105,11 @@ def launch(
         except KeyboardInterrupt:
             job.cancel()  # Ctrl-C while waiting: the job must not run on without anyone waiting
             raise
-    environment = _environment_for(requested)
-    if environment is not None:
-        from phalanx.runners.env import run_joined
-
-        _check_caller_rank(caller_rank, None)
-        return run_joined(fn, args, kwargs, _resolve_for(requested, environment), environment, gather)
     from phalanx.runners.local import run_local
 
     platform = requested.resolve()  # cluster "auto" with no launcher found, or "local"
     _check_caller_rank(caller_rank, platform)
-    return run_local(fn, args, kwargs, platform, caller_rank, gather)
+    return run_local(fn, args, kwargs, platform, caller_rank, gather, {RESTART_VARIABLE: str(restart)})
 
 
 def submit(fn: Callable[..., Any], *args: Any, platform: Platform, gather: bool = True, **kwargs: Any) -> SlurmJob:
