@@ -114,6 +114,8 @@ class LocalJob:
         self._progress_deadline: float | None = None  # the first return + timeout: others must be done by then
         self._first_returned: int | None = None
         self._caller_thread: int | None = None  # the thread running the caller's rank, while it runs
+        self._monitor_thread: threading.Thread | None = None
+        self._batch: list[RankFailure] | None = None  # failures read in the monitor's current pass
 
     def _make_worker(self, rank: int) -> _Worker:
         show, prefix = self.platform.console_logs, self.platform.rank_prefix
@@ -179,13 +181,18 @@ class LocalJob:
                 self._selector.register(fd, selectors.EVENT_READ, ("output", output))
         self._selector.register(self._job_socket, selectors.EVENT_READ, ("job", None))
         self._selector.register(self._wake_read, selectors.EVENT_READ, ("wake", None))
-        threading.Thread(target=self._monitor, name="phalanx-monitor", daemon=True).start()
+        self._monitor_thread = threading.Thread(target=self._monitor, name="phalanx-monitor", daemon=True)
+        self._monitor_thread.start()
 
     # -- watching ---------------------------------------------------------------------------
 
     def _monitor(self) -> None:
         try:
             while any(not worker.exited for worker in self.workers):
+                # Failures read in one pass are handled together, causes before lost peers: a
+                # rank whose collective timed out reports it before its exit makes the others
+                # lose their peer, and the timeout must start the hang report.
+                self._batch = []
                 for key, _ in self._selector.select(self._next_wake_up()):
                     kind, owner = key.data
                     if kind == "job":
@@ -196,6 +203,9 @@ class LocalJob:
                         self._read_result(owner)
                     else:
                         self._read_output(key.fd, owner)
+                batch, self._batch = self._batch, None
+                for failure in sorted(batch, key=lambda failure: (failure.lost_a_peer, failure.time)):
+                    self.fail(failure)
                 self._check_hang(time.monotonic())
                 if self._kill_at is not None and not self._killed and time.monotonic() >= self._kill_at:
                     self._killed = True
@@ -312,6 +322,9 @@ class LocalJob:
         A failure that says a collective timed out first has every live rank's stack
         collected, for the hang report; the ranks are stopped after that.
         """
+        if self._batch is not None and threading.current_thread() is self._monitor_thread:
+            self._batch.append(failure)  # the monitor handles it at the end of its pass
+            return
         with self._lock:
             self.failures.append(failure)
             if self._collect_until is not None:
