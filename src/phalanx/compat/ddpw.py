@@ -1,0 +1,398 @@
+"""DDPW's front door on phalanx: change `from ddpw import ...` to `from phalanx.compat.ddpw import ...`.
+
+    from phalanx.compat.ddpw import Platform, Wrapper       # was: from ddpw import Platform, Wrapper
+
+    def task(global_rank, local_rank, process_group, args):
+        print(f"This is GPU {global_rank}(G)/{local_rank}(L); args = {args}")
+
+    Wrapper(platform=Platform(device="gpu", n_gpus=4)).start(task, ("example",))
+
+`Platform` keeps DDPW's argument names and defaults (DDPW 5.x, whose documentation uses
+`n_gpus`) and maps them onto `phalanx.Platform`; `Wrapper` and `wrapper` run on `px.Wrapper`
+and `px.wrapper`; DDPW's utilities (`to`, `get_dataset_sampler`, `optimiser_to`, ...) live
+here too, and `functional` names this module, so `from ddpw import functional as DF` becomes
+`from phalanx.compat.ddpw import functional as DF`. What differs from DDPW, and why, is in
+docs/migration/ddpw.md: CPU runs have `n_gpus` ranks, a failing rank raises instead of
+returning normally, the port is a free one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset, DistributedSampler
+
+import phalanx as px
+
+__all__ = [
+    "Device",
+    "Platform",
+    "Wrapper",
+    "average_params_grads",
+    "device",
+    "functional",
+    "get_dataset_sampler",
+    "has_batch_norm",
+    "optimiser_to",
+    "seed_generators",
+    "to",
+    "wrapper",
+]
+
+_SPAWN_METHODS = (None, "fork", "spawn", "forkserver")
+_PHALANX_DEVICES = {"cpu": "cpu", "gpu": "cuda", "mps": "mps"}
+
+
+class Device(enum.Enum):
+    """DDPW's device kinds: where the task runs."""
+
+    CPU = "cpu"
+    GPU = "gpu"
+    SLURM = "slurm"
+    MPS = "mps"
+
+    @staticmethod
+    def from_str(device: str | Device) -> Device:
+        """The `Device` for a name ("cpu", "gpu", "slurm", "mps", any case) or a `Device`."""
+        if isinstance(device, Device):
+            return device
+        if isinstance(device, str):
+            for member in Device:
+                if member.value == device.strip().lower():
+                    return member
+        raise px.PlatformError(
+            "device", device, "allowed are 'cpu', 'gpu', 'slurm' and 'mps' (or a Device)", owner="ddpw Platform"
+        )
+
+
+@dataclasses.dataclass
+class Platform:
+    """DDPW's `Platform`: its fields, names and defaults, run by phalanx.
+
+    `to_phalanx()` gives the `phalanx.Platform` it stands for; it is built once here, so that
+    a bad value raises `PlatformError` at construction. Fields that only SLURM reads (`name`
+    aside, which phalanx takes from the function) go to phalanx only for device="slurm", as
+    in DDPW. `master_port=None` (the default) lets phalanx take a free port atomically where
+    DDPW drew a random one at import. `spawn_method` and `verbose` are accepted and unused:
+    phalanx never forks and prints no setup log.
+
+    Example::
+
+        Platform(device="cpu", n_gpus=2).to_phalanx()   # Platform(device='cpu', n_procs=2, backend='gloo', ...)
+    """
+
+    name: str = "ddpw"
+    device: Device | str = Device.GPU
+    partition: str = "general"
+    n_nodes: int = 1
+    n_gpus: int = 1
+    n_cpus: int = 1
+    ram: int = 32
+    spawn_method: str | None = "fork"
+    ipc_protocol: str = "tcp"
+    master_addr: str = "localhost"
+    master_port: str | int | None = None
+    ipc_groups: list[list[int]] | None = dataclasses.field(default_factory=list)
+    backend: str | None = "gloo"
+    seed: int = 1889
+    timeout_min: int = 2880
+    slurm_additional_parameters: dict | None = None
+    console_logs: str = "./logs"
+    verbose: bool | None = True
+    upon_finish: Callable[[], Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.device = Device.from_str(self.device)
+        self.to_phalanx()
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in the job: GPUs per node, times nodes on SLURM."""
+        return self.n_gpus * (self.n_nodes if self.device is Device.SLURM else 1)
+
+    @property
+    def requires_ipc(self) -> bool:
+        """Whether the ranks communicate: more than one of them, and `ipc_groups` not None."""
+        return self.ipc_groups is not None and self.world_size > 1
+
+    def to_phalanx(self) -> px.Platform:
+        """The `phalanx.Platform` this DDPW platform describes (raises `PlatformError` on bad values)."""
+        kind = Device.from_str(self.device)
+        self._check_unmapped()
+        common: dict[str, Any] = {
+            "n_gpus": self.n_gpus,
+            "master_addr": self.master_addr,
+            "master_port": _port(self.master_port),
+            "backend": str(self.backend) if self.backend is not None else None,
+            "seed": self.seed,
+        }
+        if kind is Device.SLURM:
+            return px.Platform(
+                device="cuda",
+                cluster="slurm",
+                n_nodes=self.n_nodes,
+                n_cpus=self.n_cpus,
+                partition=self.partition,
+                ram=self.ram,
+                time=self.timeout_min,
+                slurm_additional_parameters=self.slurm_additional_parameters,
+                log_dir=self.console_logs,
+                **common,
+            )
+        if kind is not Device.CPU and kind.value not in _available_kinds():
+            raise px.PlatformError(
+                "device",
+                kind.value,
+                f"no {kind.value.upper()} is visible here",
+                "Use device='cpu' (phalanx then runs n_gpus CPU ranks), or run where the device is.",
+                owner="ddpw Platform",
+            )
+        if kind is Device.GPU and self.n_gpus > torch.cuda.device_count():
+            visible = torch.cuda.device_count()
+            raise px.PlatformError(
+                "n_gpus",
+                self.n_gpus,
+                f"only {visible} GPU(s) are visible here; DDPW would quietly run {visible} rank(s) instead",
+                f"Pass n_gpus={visible} or fewer.",
+                owner="ddpw Platform",
+            )
+        return px.Platform(device=_PHALANX_DEVICES[kind.value], cluster="local", **common)
+
+    def _check_unmapped(self) -> None:
+        """Fields phalanx does not use still get checked, so that a typo does not pass silently."""
+        if self.ipc_protocol != "tcp":
+            raise px.PlatformError(
+                "ipc_protocol",
+                self.ipc_protocol,
+                "phalanx's ranks always meet through a TCP store",
+                "Leave ipc_protocol='tcp'.",
+                owner="ddpw Platform",
+            )
+        if self.spawn_method not in _SPAWN_METHODS:
+            raise px.PlatformError(
+                "spawn_method", self.spawn_method, f"allowed are {_SPAWN_METHODS}", owner="ddpw Platform"
+            )
+        if self.upon_finish is not None and not callable(self.upon_finish):
+            raise px.PlatformError(
+                "upon_finish", self.upon_finish, "it must be callable or None", owner="ddpw Platform"
+            )
+        _check_groups(self.ipc_groups, self.world_size)
+
+    def print(self) -> None:
+        """Print the DDPW fields and the phalanx platform they map to."""
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        print(f"ddpw Platform({fields})\n  runs as {self.to_phalanx()!r}\n  world size: {self.world_size}", flush=True)
+
+
+def _port(value: str | int | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise px.PlatformError(
+            "master_port", value, "it must be a port number (a string of digits or an int)", owner="ddpw Platform"
+        ) from None
+
+
+def _check_groups(groups: list[list[int]] | None, world_size: int) -> None:
+    if groups is None or groups == []:
+        return
+    seen: list[int] = []
+    for group in groups:
+        if not isinstance(group, (list, tuple)) or not all(isinstance(rank, int) for rank in group):
+            raise px.PlatformError(
+                "ipc_groups", groups, "it must be None, [] or a list of lists of global ranks", owner="ddpw Platform"
+            )
+        seen += group
+    if sorted(seen) != list(range(world_size)):
+        raise px.PlatformError(
+            "ipc_groups",
+            groups,
+            f"every rank 0..{world_size - 1} must be in exactly one group",
+            "List each global rank once, or pass [] for one group of every rank.",
+            owner="ddpw Platform",
+        )
+
+
+def _available_kinds() -> set[str]:
+    kinds = set()
+    if torch.cuda.is_available():
+        kinds.add("gpu")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        kinds.add("mps")
+    return kinds
+
+
+def _phalanx_platform(platform: Platform | px.Platform) -> px.Platform:
+    return platform if isinstance(platform, px.Platform) else platform.to_phalanx()
+
+
+def _task_in_groups(
+    target: Callable[..., Any], groups: list[list[int]] | None, global_rank: int, local_rank: int, world: Any, args: Any
+) -> Any:
+    """Call the task with the group DDPW would give it: None without IPC, else this rank's own group."""
+    group = None
+    if groups is not None:
+        group = world
+        for ranks in groups:  # new_group is collective: every rank creates every group, in order
+            made = dist.new_group(ranks=list(ranks))
+            if global_rank in ranks:
+                group = made
+    return target(global_rank, local_rank, group, args)
+
+
+class Wrapper:
+    """DDPW's `Wrapper`: `start(task, args)` calls `task(global_rank, local_rank, process_group, args)` on every rank.
+
+    Runs on `px.Wrapper`; returns every rank's value (DDPW returned None) and raises
+    `px.WorkerError` when a rank fails (DDPW returned normally). `platform.upon_finish` is
+    called in the caller once every rank has finished.
+    """
+
+    def __init__(self, platform: Platform | px.Platform) -> None:
+        self.platform = platform
+
+    def start(self, target: Callable[..., Any], args: Any = None) -> list[Any]:
+        """Run `target` on every rank of the platform; return the values by global rank."""
+        groups = getattr(self.platform, "ipc_groups", [])
+        task = target if groups == [] else functools.partial(_task_in_groups, target, groups)
+        values = px.Wrapper(_phalanx_platform(self.platform)).start(task, args)
+        finish = getattr(self.platform, "upon_finish", None)
+        if finish is not None:
+            finish()
+        return values
+
+
+def wrapper(platform: Platform | px.Platform) -> Callable[[Callable[..., Any]], Callable[..., list[Any]]]:
+    """DDPW's decorator: calling the decorated function runs it, with its own arguments, on every rank.
+
+    Example::
+
+        @wrapper(Platform(device="cpu", n_gpus=2))
+        def run(a, b):
+            return a + b
+
+        run(1, 2)  # [3, 3]
+    """
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., list[Any]]:
+        launched = px.wrapper(_phalanx_platform(platform))(fn)
+        finish = getattr(platform, "upon_finish", None)
+        if finish is None:
+            return launched
+
+        # functools.wraps(fn) keeps `__wrapped__` pointing at `fn`: a rank that finds this
+        # function by its module name unwraps it to `fn` rather than launching again.
+        @functools.wraps(fn)
+        def launched_then_finish(*args: Any, **kwargs: Any) -> list[Any]:
+            values = launched(*args, **kwargs)
+            finish()
+            return values
+
+        return launched_then_finish
+
+    return decorate
+
+
+# -- DDPW's utilities (ddpw.functional) -------------------------------------------------------
+
+
+def seed_generators(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (`px.seed_everything`)."""
+    px.seed_everything(seed)
+
+
+def has_batch_norm(module: torch.nn.Module) -> bool:
+    """Whether `module` holds a BatchNorm1d/2d/3d layer."""
+    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+    return any(isinstance(layer, norms) for layer in module.modules())
+
+
+def _target_device(kind: Device, local_rank: int) -> torch.device:
+    if kind in (Device.CPU, Device.MPS):
+        return torch.device(kind.value)
+    if not torch.cuda.is_available():
+        raise px.PlatformError(
+            "device",
+            kind,
+            "no CUDA GPU is visible here",
+            "Pass device=Device.CPU, or the platform's device: to(module, local_rank, device=platform.device).",
+            owner="ddpw to",
+        )
+    return torch.device("cuda", local_rank)
+
+
+def to(
+    module: torch.nn.Module, local_rank: int, sync_modules: bool = True, device: Device | str = Device.GPU
+) -> torch.nn.Module:
+    """Move `module` to `device` (the GPU `local_rank` for GPU and SLURM); wrap it in DDP when distributed.
+
+    Unlike DDPW, CPU and MPS modules are wrapped too when `sync_modules` and the launch has
+    several ranks: phalanx runs several CPU ranks, whose gradients must be averaged. On GPUs,
+    batch normalisation layers become SyncBatchNorm first, as in DDPW.
+    """
+    target = _target_device(Device.from_str(device), local_rank)
+    module = module.to(target)
+    if not sync_modules or not px.is_distributed():
+        return module
+    if target != px.device():
+        raise px.PhalanxError(
+            f"to(device={device!r}, local_rank={local_rank}) moves the module to {target}, but this rank computes "
+            f"on {px.device()}: DDP needs the module on the rank's device. Pass the platform's device."
+        )
+    if target.type == "cuda" and has_batch_norm(module):
+        module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return px.prepare_model(module)
+
+
+def get_dataset_sampler(
+    dataset: Dataset, global_rank: int, platform: Platform | None = None
+) -> DistributedSampler | None:
+    """This rank's `DistributedSampler` over `dataset`, or None when the launch has one rank.
+
+    The number of shards is the launch's world size. DDPW gave no sampler on CPU; phalanx
+    runs several CPU ranks, which need one. (`px.dataloader` also moves batches and calls
+    `set_epoch` for you.)
+    """
+    world_size = px.get_world_size()
+    if world_size == 1:
+        return None
+    return DistributedSampler(dataset, num_replicas=world_size, rank=global_rank)
+
+
+def optimiser_to(optimiser: torch.optim.Optimizer, device: torch.device | str) -> None:
+    """Move an optimiser's state tensors to `device`, in place."""
+    px.Context(optimiser=optimiser).to(device)
+
+
+def average_params_grads(module: torch.nn.Module, params: bool = False, grads: bool = True) -> None:
+    """Average the parameters and/or the gradients of `module` over every rank, in place.
+
+    DDPW's defaults: gradients only. (DDPW 5.x returned without averaging unless both were
+    asked for; this averages what is asked.)
+    """
+    with torch.no_grad():
+        for parameter in module.parameters():
+            if grads and parameter.grad is not None:
+                parameter.grad.copy_(px.all_reduce(parameter.grad, op="mean"))
+            if params:
+                parameter.copy_(px.all_reduce(parameter, op="mean"))
+
+
+def device(module: torch.nn.Module) -> torch.device:
+    """The device `module` lives on; this rank's device when it has no parameters."""
+    for parameter in module.parameters():
+        return parameter.device
+    return px.device()
+
+
+# `from ddpw import functional as DF` becomes `from phalanx.compat.ddpw import functional as DF`.
+functional = sys.modules[__name__]

@@ -1,0 +1,195 @@
+"""phalanx.compat.pystematic: pystematic-torch's documented API, its Context snippet, real launches."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+
+import phalanx as px
+from phalanx.compat import pystematic
+
+pytestmark = pytest.mark.timeout(60)
+
+CPU2 = px.Platform(device="cpu", n_procs=2)
+
+
+class Dataset(torch.utils.data.Dataset):
+    """The snippet's `Dataset()`: two features, a binary label."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor([float(index % 2), float(index % 3)]), torch.tensor([float(index % 2)])
+
+
+def test_documented_names_are_under_pystematic_torch():
+    documented = """move_to_device save_checkpoint load_checkpoint run_parameter_sweep is_distributed is_master
+        get_num_processes get_rank broadcast_from_master distributed_barrier Context TorchContext Recorder
+        SmartDataLoader""".split()
+    assert all(callable(getattr(pystematic.torch, name)) for name in documented)
+    for method in ("cuda", "cpu", "ddp", "state_dict", "load_state_dict", "autotransform"):
+        assert callable(getattr(pystematic.torch.Context, method))
+    for member in ("count", "step", "params", "scalar", "figure", "image", "state_dict", "load_state_dict"):
+        assert hasattr(pystematic.torch.Recorder, member)
+    assert callable(pystematic.torch.SmartDataLoader.to)
+
+
+def test_context_snippet_runs_with_only_the_import_changed():
+    # pystematic-torch's Context example, verbatim but for the import and ctx.cpu() for ctx.cuda().
+    ctx = pystematic.torch.TorchContext()
+
+    ctx.model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Sigmoid())
+
+    # We use the smart dataloader so that batches are moved to the correct
+    # device
+    ctx.dataloader = pystematic.torch.SmartDataLoader(dataset=Dataset(), batch_size=2)
+    ctx.loss_function = torch.nn.BCELoss()
+
+    ctx.cpu()  # Move everything to cuda (cpu here)
+
+    # Remember to initialize the optimizer after moving
+    ctx.optimzer = torch.optim.SGD(ctx.model.parameters(), lr=0.01)
+
+    for input, lbl in ctx.dataloader:
+        output = ctx.model(input)
+
+        loss = ctx.loss_function(output, lbl)
+
+        ctx.optimzer.zero_grad()
+        loss.backward()
+        ctx.optimzer.step()
+
+    assert ctx.dataloader.state_dict() == {"epoch": 1, "batches": 0} and len(ctx.dataloader) == 4
+
+
+def _session(checkpoint: pathlib.Path | None = None) -> pystematic.Context:
+    ctx = pystematic.torch.TorchContext()
+    ctx.model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Sigmoid())
+    ctx.dataloader = pystematic.torch.SmartDataLoader(dataset=Dataset(), batch_size=2, shuffle=True, loading_bar=False)
+    ctx.loss_function = torch.nn.BCELoss()
+    ctx.epoch = 0
+    pystematic.params["checkpoint"] = checkpoint
+    ctx.autotransform()  # checkpoint, then the rank's device (params["cuda"]), then DDP (two ranks)
+    ctx.optimizer = torch.optim.SGD(ctx.model.parameters(), lr=0.1)
+    return ctx
+
+
+def _train_then_checkpoint(folder: pathlib.Path) -> dict[str, torch.Tensor]:
+    pystematic.output_dir = folder
+    ctx = _session()
+    for input, lbl in ctx.dataloader:
+        ctx.optimizer.zero_grad()
+        ctx.loss_function(ctx.model(input), lbl).backward()
+        ctx.optimizer.step()
+    ctx.epoch += 1
+    pystematic.torch.save_checkpoint(ctx.state_dict(), id=ctx.epoch)
+    pystematic.torch.distributed_barrier()
+    return {"wrapped": type(ctx.model).__name__, **px.unwrap_model(ctx.model).state_dict()}
+
+
+def _resume(checkpoint: pathlib.Path) -> dict[str, torch.Tensor]:
+    ctx = _session(checkpoint)
+    return {"epoch": ctx.epoch, "loader": ctx.dataloader.state_dict(), **px.unwrap_model(ctx.model).state_dict()}
+
+
+def test_context_saved_by_one_launch_is_restored_by_the_next(tmp_path):
+    trained = px.launch(_train_then_checkpoint, tmp_path, platform=CPU2)
+    assert trained[0]["wrapped"] == "DistributedDataParallel"
+    checkpoint = tmp_path / "checkpoint-1.pt"
+    assert checkpoint.exists() and not list(tmp_path.glob(".*tmp*"))
+    resumed = px.launch(_resume, checkpoint, platform=CPU2)
+    for rank in range(2):
+        assert resumed[rank]["epoch"] == 1 and resumed[rank]["loader"] == {"epoch": 1, "batches": 0}
+        for name in ("0.weight", "0.bias"):
+            assert torch.equal(resumed[rank][name], trained[0][name])
+
+
+def _distributed_facts(value: int) -> tuple:
+    return (
+        pystematic.torch.is_distributed(),
+        pystematic.torch.is_master(),
+        pystematic.torch.get_num_processes(),
+        pystematic.torch.get_rank(),
+        pystematic.torch.broadcast_from_master(value + pystematic.torch.get_rank()),
+        pystematic.torch.distributed_barrier(),
+    )
+
+
+def test_distributed_helpers_answer_for_each_rank():
+    first, second = px.launch(_distributed_facts, 5, platform=CPU2)
+    assert first == (True, True, 2, 0, torch.tensor(5), None)
+    assert second == (True, False, 2, 1, torch.tensor(5), None)
+    assert _distributed_facts(5) == (False, True, 1, 0, torch.tensor(5), None)  # no launch: one process
+
+
+def _shard(_: int) -> list[float]:
+    loader = pystematic.SmartDataLoader(Dataset(), batch_size=2, loading_bar=False).to("cpu")
+    return [float(x[0, 0] * 10 + x[0, 1]) for x, _ in loader] + [len(loader)]
+
+
+def test_smart_dataloader_gives_each_rank_its_own_shard():
+    first, second = px.launch(_shard, 0, platform=CPU2)
+    assert first[-1] == second[-1] == 2
+    assert not set(first[:-1]) & set(second[:-1])
+
+
+def test_move_to_device_moves_nested_tensors_and_modules():
+    batch = {"x": [torch.ones(1)], "y": (torch.zeros(1), "label")}
+    assert pystematic.move_to_device("cpu", batch)["y"][1] == "label"
+    moved = pystematic.move_to_device("cpu", torch.ones(1), torch.nn.Linear(1, 1))
+    assert isinstance(moved, list) and isinstance(moved[1], torch.nn.Linear)
+
+
+def _record(folder: pathlib.Path) -> tuple:
+    recorder = pystematic.torch.Recorder(folder, console=True)
+    recorder.count = 10
+    recorder.scalar("loss", torch.tensor(0.5))
+    recorder.step()
+    recorder.params({"lr": 0.1})
+    recorder.close()
+    return recorder.state_dict(), sorted(path.name for path in folder.iterdir()) if folder.exists() else []
+
+
+def test_recorder_counts_on_every_rank_and_only_the_master_writes(tmp_path):
+    (state0, files), (state1, _) = px.launch(_record, tmp_path, platform=CPU2)
+    assert state0 == state1 == {"count": 11}
+    assert "scalars.csv" in files and any(name.startswith("events.out.tfevents") for name in files)
+    assert (tmp_path / "scalars.csv").read_text() == "step, tag, value\n10, loss, 0.5\n"
+
+
+def square(params: dict) -> int:
+    if params["x"] < 0:
+        raise ValueError(f"negative x={params['x']}")
+    return params["x"] ** 2
+
+
+def test_run_parameter_sweep_runs_every_params_dict():
+    results = pystematic.torch.run_parameter_sweep(square, [{"x": 2}, {"x": 3}], max_num_processes=2)
+    assert [(result.params["params"], result.value) for result in results] == [({"x": 2}, 4), ({"x": 3}, 9)]
+
+
+def test_run_parameter_sweep_failure_raises_after_every_run():
+    with pytest.raises(px.PhalanxError, match=r"1 of 2 runs failed.*'x': -1.*negative x=-1"):
+        pystematic.run_parameter_sweep(square, [{"x": -1}, {"x": 1}], max_num_processes=2)
+
+
+def test_load_checkpoint_runs_no_code_from_the_file(tmp_path):
+    pystematic.save_checkpoint({"weights": torch.ones(2)}, id="ok", directory=tmp_path)
+    assert torch.equal(pystematic.load_checkpoint(tmp_path / "checkpoint-ok.pt")["weights"], torch.ones(2))
+    torch.save({"obj": Dataset()}, tmp_path / "code.pt")
+    with pytest.raises(px.CheckpointError, match="refused"):
+        pystematic.load_checkpoint(tmp_path / "code.pt")
+    with pytest.raises(px.CheckpointError, match="does not exist"):
+        pystematic.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_cuda_moves_to_the_gpu_or_is_refused_clearly_without_one():
+    ctx = pystematic.Context(model=torch.nn.Linear(1, 1))
+    if not torch.cuda.is_available():
+        with pytest.raises(px.PhalanxError, match=r"no CUDA GPU is visible here\. Use ctx\.cpu\(\)"):
+            ctx.cuda()
+        return
+    assert next(ctx.cuda().model.parameters()).is_cuda
