@@ -78,12 +78,16 @@ def rank_session(job: dict[str, Any], rank: int, local_rank: int, store: dist.St
             seed_everything(job["seed"])
         yield
     finally:
-        rank_state._leave_rank()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        torch.set_num_threads(saved_threads)
-        os.environ.clear()
-        os.environ.update(saved_environ)
+        # The caller's own rank can be interrupted (another rank failed) while this runs: put
+        # its environment back first, so that nothing of the rank is left in the caller.
+        try:
+            os.environ.clear()
+            os.environ.update(saved_environ)
+            torch.set_num_threads(saved_threads)
+            rank_state._leave_rank()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def _user_traceback(error: BaseException) -> str:

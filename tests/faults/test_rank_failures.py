@@ -273,3 +273,19 @@ def test_rank_stopped_during_teardown_by_another_crash_is_still_reported():
         with pytest.raises(px.WorkerError) as info:
             px.launch(crash_late, platform=CPU)
         assert info.value.rank == 1 and info.value.exit_code == 5
+
+
+def _rank_one_fails_after_rank_zero_returned():
+    if px.get_rank() == 1:
+        px.barrier()
+        raise ValueError("rank 1 fails once rank 0 is done")
+    px.barrier()
+    return "rank 0 done"
+
+
+def test_caller_rank_environment_is_restored_when_another_rank_fails_after_it_returned():
+    before = dict(os.environ)
+    with pytest.raises(px.WorkerError, match="rank 1 fails once rank 0 is done"):
+        px.launch(_rank_one_fails_after_rank_zero_returned, platform=CPU, caller_rank=0)
+    assert dict(os.environ) == before
+    assert px.get_world_size() == 1 and px.get_rank() == 0

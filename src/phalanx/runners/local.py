@@ -535,9 +535,11 @@ def _run_in_caller(fn, args, kwargs, job: dict, store, rank: int, local_job: Loc
     in_main_thread = threading.current_thread() is threading.main_thread()
 
     def interrupt() -> None:
-        if in_main_thread and not interrupted.is_set():
-            interrupted.set()
-            _thread.interrupt_main()
+        # Only while the function runs: once it returned, the rank's clean-up must not be cut short.
+        with local_job._lock:
+            if in_main_thread and local_job._caller_thread is not None and not interrupted.is_set():
+                interrupted.set()
+                _thread.interrupt_main()
 
     local_job._interrupt_caller = interrupt
     try:
@@ -545,7 +547,8 @@ def _run_in_caller(fn, args, kwargs, job: dict, store, rank: int, local_job: Loc
             try:
                 local_job._caller_thread = threading.get_ident()
                 value = call_rank_function(fn, args, kwargs)
-                local_job._caller_thread = None
+                with local_job._lock:
+                    local_job._caller_thread = None
                 local_job.note_returned(rank)
                 return value, True
             except BaseException as error:
