@@ -70,9 +70,20 @@ def launch(
         joined = _resolve_for(dataclasses.replace(requested, max_restarts=0), environment)
         return run_joined(fn, args, kwargs, joined, environment, gather)
     failed_attempts: list[WorkerError] = []
+    failed_meetings = 0
     while True:
         try:
             return _launch_once(fn, args, kwargs, requested, caller_rank, gather, len(failed_attempts))
+        except LaunchError as error:
+            # The ranks started but lost each other while connecting, before any user code ran:
+            # seen under heavy CPU contention with several launches at once. Starting them again
+            # is safe; a failure that repeats is real and is raised.
+            if failed_meetings >= _MEETING_RETRIES or not _lost_each_other_while_meeting(error):
+                raise
+            failed_meetings += 1
+            print(
+                f"phalanx: the ranks lost each other while connecting; starting them again ({error})", file=sys.stderr
+            )
         except WorkerError as error:
             if len(failed_attempts) >= requested.max_restarts:
                 if failed_attempts:
@@ -85,6 +96,18 @@ def launch(
                 file=sys.stderr,
                 flush=True,
             )
+
+
+_MEETING_RETRIES = 2
+
+
+def _lost_each_other_while_meeting(error: LaunchError) -> bool:
+    cause = error.__cause__
+    return (
+        isinstance(cause, WorkerError)
+        and all(failure.during == "setup" for failure in cause.failures)
+        and any(failure.lost_a_peer for failure in cause.failures)
+    )
 
 
 def _launch_once(
