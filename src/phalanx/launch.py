@@ -81,9 +81,8 @@ def launch(
             if failed_meetings >= _MEETING_RETRIES or not _lost_each_other_while_meeting(error):
                 raise
             failed_meetings += 1
-            print(
-                f"phalanx: the ranks lost each other while connecting; starting them again ({error})", file=sys.stderr
-            )
+            reason = str(error).splitlines()[0]
+            print(f"phalanx: {reason}; the ranks lost each other while connecting: starting again", file=sys.stderr)
         except WorkerError as error:
             if len(failed_attempts) >= requested.max_restarts:
                 if failed_attempts:
