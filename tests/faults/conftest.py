@@ -1,55 +1,31 @@
 """Fault tests: on top of the no-leftover-process check, nothing else may leak either.
 
-Every test here is checked for the resources a launch uses, counted before and after it in
-the test process: open file descriptors, listening sockets, shared memory files of phalanx
+Every test here is checked for the resources a launch uses, counted before and after it by
+`bench/soak.py`'s `counts()` (the soak counts the same things over 200 launches): live
+processes, open file descriptors, listening sockets, shared memory files of phalanx
 (`/dev/shm/phalanx-<pid>-*`) and torch, and phalanx's temporary files.
 """
 
 from __future__ import annotations
 
-import glob
-import os
-import tempfile
+import importlib.util
 import time
+from pathlib import Path
 
 import pytest
 
 import phalanx as px
 
-_SHARED_MEMORY_PATTERNS = ("/dev/shm/phalanx-*", "/dev/shm/torch_*")
+
+def _load_soak():
+    path = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
+    spec = importlib.util.spec_from_file_location("phalanx_bench_soak", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def listening_socket_count(pid: int | str = "self") -> int:
-    """Listening TCP sockets held by one process (inodes of its fds found as LISTEN in /proc/net)."""
-    inodes = set()
-    for fd in glob.glob(f"/proc/{pid}/fd/*"):
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    listening = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = open(table).read().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # state LISTEN, inode
-                listening += 1
-    return listening
-
-
-def resource_counts() -> dict[str, int]:
-    """What a leak would raise: descriptors, listening sockets, shared memory and temporary files."""
-    return {
-        "open file descriptors": len(os.listdir("/proc/self/fd")),
-        "listening sockets": listening_socket_count(),
-        "shared memory files": sum(len(glob.glob(pattern)) for pattern in _SHARED_MEMORY_PATTERNS),
-        "temporary files": len(glob.glob(os.path.join(tempfile.gettempdir(), "phalanx*"))),
-    }
+resource_counts = _load_soak().counts
 
 
 @pytest.fixture(scope="session")
