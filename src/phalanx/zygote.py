@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import importlib
 import os
 import selectors
 import signal
@@ -282,6 +283,21 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     return bytes(buffer)
 
 
+# Modules that DDP, the optimizers and torch.compile import on first use: about 2.5 s of
+# imports in every rank of every launch that builds a DDP model, unless the zygote has them.
+_WARM_UP_MODULES = ("torch._dynamo", "torch.distributed.fsdp", "torch.nn.parallel")
+_WARM_UP_AFTER_IDLE_SECONDS = 2.0  # not before: a launch right after `import phalanx` must not wait
+
+
+def _warm_up() -> None:
+    """Import what most training jobs need, once, while idle, so that no worker imports it again."""
+    for name in _WARM_UP_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception:  # an optional part missing in this torch build: the workers do without
+            pass
+
+
 class _Server:
     """The zygote's event loop: jobs in, workers out, exits reported."""
 
@@ -300,8 +316,13 @@ class _Server:
         self.readers: dict[socket.socket, FrameReader] = {}
 
     def run(self) -> None:
+        warmed = False
         while True:
-            for key, _ in self.selector.select():
+            events = self.selector.select(None if warmed else _WARM_UP_AFTER_IDLE_SECONDS)
+            if not events and not warmed:
+                _warm_up()
+                warmed = True
+            for key, _ in events:
                 if key.data == "control":
                     if not self._accept_job():
                         self._kill(list(self.job_of), signal.SIGKILL)
