@@ -52,7 +52,7 @@ def test_strict_build_writes_the_guides_platforms_migration_and_reference_pages(
         "platforms/slurm/index.html",
         "reference/launch/index.html",
         "reference/dist/index.html",
-        "reference/compat/ddpw/index.html",
+        *(f"reference/compat/{name}/index.html" for name in ("ddpw", "pystematic", "pytagi", "poptorch", "mpify")),
         *(f"migration/{name}/index.html" for name in ("ddpw", "pystematic", "pytagi", "poptorch", "mpify")),
     ]
     missing = [page for page in expected if not (site / page).is_file()]
