@@ -105,7 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Train on scikit-learn's digits with phalanx.")
     parser.add_argument("--n-procs", type=int, default=2, help="processes (ranks); default 2")
     parser.add_argument("--device", default="cpu", help="cpu, gpu, mps or auto; default cpu")
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--batch-size", type=int, default=32, help="per rank")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)

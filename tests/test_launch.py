@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -186,3 +187,22 @@ def test_launches_from_several_threads_at_once_all_succeed():
     for thread in threads:
         thread.join(timeout=60)
     assert results == {index: [(0, index), (1, index)] for index in range(4)}
+
+
+def test_a_module_that_launches_when_imported_fails_fast_instead_of_hanging(tmp_path):
+    (tmp_path / "launches_on_import.py").write_text(
+        textwrap.dedent(
+            """
+            import phalanx as px
+
+            def work():
+                return px.get_rank()
+
+            px.launch(work, platform=px.Platform(device="cpu", n_procs=2))  # no __main__ guard
+            """
+        )
+    )
+    result = run_script(f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import launches_on_import", timeout=60)
+    assert result.returncode != 0
+    assert "that module launches when it is imported" in result.stderr
+    assert 'if __name__ == "__main__":' in result.stderr

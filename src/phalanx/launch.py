@@ -52,6 +52,13 @@ def launch(
     """
     if not callable(fn):
         raise TypeError(f"launch() needs a callable first, got {fn!r}")
+    worker = sys.modules.get("phalanx.worker")
+    if worker is not None and worker._unpickling_call:
+        raise LaunchError(
+            f"launch() was called while a rank imported module {fn.__module__!r} to get the function to run: "
+            "that module launches when it is imported, so every rank would launch again. Put the launch under "
+            '`if __name__ == "__main__":` (or in a function) in that module.'
+        )
     if os.environ.get(RUN_VARIABLE) == "1" and dist.is_initialized():
         return _run_in_current_group(fn, args, kwargs, gather)
     requested = platform or Platform()

@@ -30,6 +30,9 @@ from phalanx.rendezvous import connect_store, interface_towards
 __all__ = ["failure_record", "rank_environment", "rank_session", "run_rank"]
 
 
+_unpickling_call = False  # True while this rank imports what the call needs (see launch)
+
+
 def rank_environment(job: dict[str, Any], rank: int, local_rank: int) -> dict[str, str]:
     """The variables torch.distributed and user code read to know their place."""
     return {
@@ -157,7 +160,12 @@ def run_rank(job: dict[str, Any], spec: dict[str, Any], payload: bytes, result_f
     session = contextlib.ExitStack()
     during = "setup"
     try:
-        fn, args, kwargs = cloudpickle.loads(payload)
+        global _unpickling_call
+        _unpickling_call = True  # a module imported now that launches at import time must not recurse
+        try:
+            fn, args, kwargs = cloudpickle.loads(payload)
+        finally:
+            _unpickling_call = False
         session.enter_context(rank_session(job, rank, spec["local_rank"], store=None))
         during = "run"
         value = rank_state.call_rank_function(fn, args, kwargs)
