@@ -62,10 +62,17 @@ def _listening_sockets(pids: list[int]) -> int:
     return count
 
 
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def counts() -> dict[str, int]:
-    me = psutil.Process()
-    helpers = set(zygote.helper_pids())
-    live = [p.pid for p in me.children(recursive=True) if p.pid not in helpers and p.status() != psutil.STATUS_ZOMBIE]
+    children = psutil.Process().children(recursive=True)
+    helpers = set(zygote.helper_pids())  # after the children: a zygote started in between is one
+    live = [p.pid for p in children if p.pid not in helpers and _alive(p)]
     return {
         "processes": len(live),
         "file descriptors": len(os.listdir("/proc/self/fd")),

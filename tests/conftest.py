@@ -40,10 +40,10 @@ def _reap_orphans() -> None:
 
 def _leftovers() -> list[psutil.Process]:
     """Descendants of this test process, except the zygote phalanx keeps on purpose."""
-    helpers = set(zygote.helper_pids())
-    me = psutil.Process()
+    children = psutil.Process().children(recursive=True)
+    helpers = set(zygote.helper_pids())  # after the children: a zygote started in between is one
     left = []
-    for child in me.children(recursive=True):
+    for child in children:
         try:
             if child.pid in helpers or child.status() == psutil.STATUS_ZOMBIE:
                 continue

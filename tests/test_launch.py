@@ -172,6 +172,43 @@ stop.set()
     assert result.stdout.strip() == "[0, 1] exec"
 
 
+def test_the_zygote_is_stopped_before_the_interpreter_tears_itself_down():
+    """A zygote taken by fork shares the caller's pages: it must be gone before the exit frees them."""
+    script = """
+import atexit, os, select, sys
+
+def check():  # registered first, so it runs after phalanx's own exit handler
+    pidfd = os.pidfd_open(zygote_pid)
+    ready, _, _ = select.select([pidfd], [], [], 10)
+    print("stopped" if ready else "still running", flush=True)
+
+atexit.register(check)
+import phalanx as px
+from phalanx import zygote
+print(px.launch(px.get_rank, platform=px.Platform(device="cpu", n_procs=2)), zygote.get_zygote().started_by)
+zygote_pid = zygote.get_zygote().pid
+"""
+    result = run_script(script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[0,", "1]", "fork", "stopped"]
+
+
+def _register_exit_handler(folder):
+    import atexit
+
+    def record():  # what a user's exit handler does: flush something to disk, maybe with the group
+        (folder / f"rank{px.get_rank()}").write_text(str(dist.is_initialized()))
+
+    atexit.register(record)
+    return px.get_rank()
+
+
+def test_exit_handlers_registered_in_a_rank_run_before_the_rank_ends(tmp_path):
+    assert px.launch(_register_exit_handler, tmp_path, platform=CPU) == [0, 1]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["rank0", "rank1"]
+    assert (tmp_path / "rank1").read_text() == "True"
+
+
 def test_launches_from_several_threads_at_once_all_succeed():
     import threading
 

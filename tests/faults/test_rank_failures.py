@@ -217,9 +217,10 @@ px.launch(wait_forever, platform=px.Platform(device="cpu", n_procs=2))
 """
 
 
-def _start_script_and_wait_for_ranks(source: str, ranks: int = 2):
+def _start_script_and_wait_for_ranks(source: str, ranks: int = 2, stdin: bool = False):
     process = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(source)],
+        stdin=subprocess.PIPE if stdin else None,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -247,6 +248,28 @@ def test_ranks_exit_when_the_caller_is_killed():
     process, ranks = _start_script_and_wait_for_ranks(SCRIPT_WAITING_RANKS)
     process.kill()
     process.wait(timeout=10)
+    _, alive = psutil.wait_procs(ranks, timeout=5)
+    assert alive == []
+
+
+SCRIPT_EXITING_WITH_A_LAUNCH_IN_A_THREAD = """
+import os, sys, threading, phalanx as px
+
+def wait_forever():
+    print(f"ready {os.getpid()}", flush=True)
+    threading.Event().wait()
+
+threading.Thread(target=px.launch, args=(wait_forever,), kwargs={"platform": px.Platform(device="cpu", n_procs=2)},
+                 daemon=True).start()
+sys.stdin.readline()  # the test says when: once both ranks run
+"""
+
+
+def test_ranks_of_a_launch_still_running_when_the_caller_exits_are_stopped():
+    process, ranks = _start_script_and_wait_for_ranks(SCRIPT_EXITING_WITH_A_LAUNCH_IN_A_THREAD, stdin=True)
+    process.stdin.write("exit\n")
+    process.stdin.flush()
+    process.wait(timeout=20)
     _, alive = psutil.wait_procs(ranks, timeout=5)
     assert alive == []
 
