@@ -217,6 +217,7 @@ class Run:
 @dataclass
 class Figures:
     launch: list[float] = field(default_factory=list)
+    launch_by_round: list[float | None] = field(default_factory=list)  # None: that round's run failed
     error: list[Run] = field(default_factory=list)
     problem: str = ""  # why this launcher has no figure, if it has none
     left_behind: int = 0
@@ -332,8 +333,8 @@ def _script(name: str) -> str:
     return str(path)
 
 
-def measure(names: list[str], ranks: int, rounds: int, cap: float) -> dict[str, Figures]:
-    """Interleaved rounds of every launcher that works here: the launch, then the failure."""
+def measure(names: list[str], ranks: int, rounds: int, cap: float, with_errors: bool = True) -> dict[str, Figures]:
+    """Interleaved rounds of every launcher that works here: the launch, then (`with_errors`) the failure."""
     figures = {name: Figures() for name in names}
     scripts = {}
     for name in names:
@@ -350,8 +351,12 @@ def measure(names: list[str], ranks: int, rounds: int, cap: float) -> dict[str, 
         for name, script in scripts.items():
             outcome = run_once(name, script, ranks, fail=False, cap=cap)
             figures[name].left_behind += outcome.left_behind
-            if outcome.returncode == 0 and outcome.seconds is not None:
+            ok = outcome.returncode == 0 and outcome.seconds is not None
+            if ok:
                 figures[name].launch.append(outcome.seconds)
+            figures[name].launch_by_round.append(outcome.seconds if ok else None)
+        if not with_errors:
+            continue
         for name, script in scripts.items():
             outcome = run_once(name, script, ranks, fail=True, cap=cap)
             figures[name].left_behind += outcome.left_behind
@@ -387,7 +392,14 @@ def _error_summary(runs: list[Run], cap: float) -> tuple[float | None, str]:
     return (None if median == float("inf") else median), "; ".join(notes)
 
 
-def report(ranks: int, rounds: int, cap: float, figures: dict[str, Figures]) -> None:
+def _paired_ratio(ours: Figures, theirs: Figures) -> float | None:
+    """Median over rounds of phalanx's time over theirs in the same round: a slow moment of the
+    shared machine (or a slow `import torch`) hits both runs of a round, so it cancels out."""
+    pairs = [a / b for a, b in zip(ours.launch_by_round, theirs.launch_by_round, strict=False) if a and b]
+    return statistics.median(pairs) if pairs else None
+
+
+def report(ranks: int, rounds: int, cap: float, figures: dict[str, Figures], with_errors: bool = True) -> None:
     ours = figures.get("phalanx")
     our_launch = statistics.median(ours.launch) if ours and ours.launch else None
     our_error = _error_summary(ours.error, cap)[0] if ours else None
@@ -421,6 +433,15 @@ def report(ranks: int, rounds: int, cap: float, figures: dict[str, Figures]) -> 
             f"launch, {ranks} ranks: phalanx / fastest other ({fastest_launch[1]}) = "
             f"{our_launch / fastest_launch[0]:.2f}x"
         )
+    paired = [
+        f"{_LABELS[name]} {ratio:.3f}x"
+        for name, figure in figures.items()
+        if name != "phalanx" and ours and (ratio := _paired_ratio(ours, figure)) is not None
+    ]
+    if paired:
+        print(f"launch, {ranks} ranks: median of per-round ratios phalanx / other: " + " | ".join(paired))
+    if not with_errors:
+        return
     print(f"raise to error, {ranks} ranks ({rounds} rounds, medians, ratio to phalanx): " + " | ".join(errors))
     if fastest_error and our_error is not None:
         print(
@@ -435,12 +456,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cap", type=float, default=20.0, help="seconds from the raise before a run is killed")
     parser.add_argument("--only", nargs="+", choices=list(_JOBS), metavar="LAUNCHER", help=", ".join(_JOBS))
+    parser.add_argument("--launch-only", action="store_true", help="skip the raise-to-error runs")
     options = parser.parse_args()
     names = options.only or list(_JOBS)
     if "phalanx" not in names:
         names.insert(0, "phalanx")
+    with_errors = not options.launch_only
     for ranks in options.ranks:
-        report(ranks, options.rounds, options.cap, measure(names, ranks, options.rounds, options.cap))
+        figures = measure(names, ranks, options.rounds, options.cap, with_errors)
+        report(ranks, options.rounds, options.cap, figures, with_errors)
 
 
 if __name__ == "__main__":
