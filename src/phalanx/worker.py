@@ -31,7 +31,6 @@ __all__ = ["failure_record", "rank_environment", "rank_session", "run_rank"]
 
 
 _unpickling_call = False  # True while this rank imports what the call needs (see launch)
-_sessions_left_open: list[contextlib.ExitStack] = []  # a worker's rank session, until os._exit
 
 
 def rank_environment(job: dict[str, Any], rank: int, local_rank: int) -> dict[str, str]:
@@ -150,11 +149,6 @@ def run_rank(job: dict[str, Any], spec: dict[str, Any], payload: bytes, result_f
 
     A failure is reported before anything is torn down: the process ends right after, and a
     teardown (destroying an NCCL group with a collective pending) could block the report.
-
-    Nor is the group destroyed after a success: every rank's function has returned, the
-    process ends with `os._exit` once its exit handlers have run, and the end of the process
-    closes the group's connections. `destroy_process_group` would only add gloo's shutdown
-    (20 ms here) to every launch.
     """
     _fresh_standard_streams()
     os.environ.clear()
@@ -164,7 +158,6 @@ def run_rank(job: dict[str, Any], spec: dict[str, Any], payload: bytes, result_f
         os.chdir(job["cwd"])
     rank = spec["rank"]
     session = contextlib.ExitStack()
-    _sessions_left_open.append(session)  # dropping it would close it, and destroy the group
     during = "setup"
     try:
         global _unpickling_call
@@ -189,9 +182,10 @@ def run_rank(job: dict[str, Any], spec: dict[str, Any], payload: bytes, result_f
     if not _send(result_fd, message):
         return 1
     try:
+        session.close()
         import atexit
 
-        atexit._run_exitfuncs()  # the user's, in the rank's environment, with the group still there
+        atexit._run_exitfuncs()
     except BaseException:
         traceback.print_exc()
     return 0
