@@ -519,18 +519,6 @@ def _forget_unfinished_imports() -> None:
             del sys.modules[name]
 
 
-def _load_name_resolution() -> None:
-    """Have the C library load its name-service modules here once, not in every worker.
-
-    A process's first address lookup loads them (3 ms here); each rank looks up the rendezvous
-    address and gloo the host name. A numeric address never waits for a name server.
-    """
-    try:
-        socket.gethostbyname("127.0.0.1")
-    except OSError:
-        pass
-
-
 def _serve(control_fd: int, caller_pid: int) -> None:
     """Become the zygote: leave the caller's session and descriptors, then serve jobs."""
     try:
@@ -547,7 +535,4 @@ def _serve(control_fd: int, caller_pid: int) -> None:
     _forget_unfinished_imports()
     if os.getppid() != caller_pid:
         return
-    import phalanx.worker  # noqa: F401  - what every worker runs: the caller may not have imported it yet
-
-    _load_name_resolution()
     _Server(control_fd).run()
