@@ -201,7 +201,6 @@ def get_zygote() -> Zygote:
             _zygote = None
         if _zygote is None:
             _zygote = (_fork_zygote() if _fork_is_allowed() else None) or _exec_zygote()
-            _stop_before_exit_once()
         return _zygote
 
 
@@ -217,7 +216,6 @@ def prestart() -> None:
     with _lock:
         if _zygote is None:
             _zygote = _fork_zygote()
-            _stop_before_exit_once()
 
 
 def _launched_externally() -> bool:
@@ -231,16 +229,6 @@ def helper_pids() -> list[int]:
     """Process ids of the zygote phalanx keeps for this process (for leak checks in tests)."""
     with _lock:
         return [_zygote.pid] if _zygote is not None else []
-
-
-_exit_hook_registered = False
-
-
-def _stop_before_exit_once() -> None:
-    global _exit_hook_registered
-    if not _exit_hook_registered:
-        atexit.register(_stop_before_exit)
-        _exit_hook_registered = True
 
 
 def _stop_before_exit() -> None:
@@ -270,6 +258,11 @@ def _stop_before_exit() -> None:
         except OSError:
             pass
     zygote.close()
+
+
+# Registered when phalanx is imported, right after torch: it runs before torch's own exit
+# handlers and after those of the program. A no-op in processes without a zygote.
+atexit.register(_stop_before_exit)
 
 
 def shutdown() -> None:
