@@ -16,6 +16,7 @@ import uuid
 import pytest
 
 import phalanx as px
+from tests.namespaces import ip, remove_host, require_namespaces
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.cluster]
 
@@ -38,40 +39,29 @@ except px.WorkerError as error:
 """
 
 
-def _ip(*arguments: str) -> None:
-    subprocess.run(["ip", *arguments], check=True, capture_output=True, text=True)
-
-
 @pytest.fixture
 def two_hosts():
     """Two network namespaces joined by a veth pair; everything in them is killed afterwards."""
-    if subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
-        pytest.skip("`ip netns` is not available here (iproute2 missing, or no CAP_SYS_ADMIN)")
+    require_namespaces()
     tag = uuid.uuid4().hex[:6]
     hosts = [f"phx-{tag}-a", f"phx-{tag}-b"]
     ends = [f"phx{tag}a", f"phx{tag}b"]
     addresses = ["10.213.0.1", "10.213.0.2"]
     try:
         for host in hosts:
-            _ip("netns", "add", host)
-        _ip("link", "add", ends[0], "netns", hosts[0], "type", "veth", "peer", "name", ends[1], "netns", hosts[1])
+            ip("netns", "add", host)
+        ip("link", "add", ends[0], "netns", hosts[0], "type", "veth", "peer", "name", ends[1], "netns", hosts[1])
         for host, end, address in zip(hosts, ends, addresses, strict=True):
-            _ip("-n", host, "addr", "add", f"{address}/24", "dev", end)
-            _ip("-n", host, "link", "set", "lo", "up")
-            _ip("-n", host, "link", "set", end, "up")
+            ip("-n", host, "addr", "add", f"{address}/24", "dev", end)
+            ip("-n", host, "link", "set", "lo", "up")
+            ip("-n", host, "link", "set", end, "up")
     except subprocess.CalledProcessError as error:
         for host in hosts:
-            subprocess.run(["ip", "netns", "del", host], capture_output=True)
+            remove_host(host)
         pytest.skip(f"cannot make network namespaces here: {error.stderr.strip()}")
     yield hosts, addresses
     for host in hosts:
-        pids = subprocess.run(["ip", "netns", "pids", host], capture_output=True, text=True).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), 9)
-            except ProcessLookupError:
-                pass
-        subprocess.run(["ip", "netns", "del", host], capture_output=True)
+        remove_host(host)
 
 
 def _run_nodes(hosts, addresses, tmp_path, env=None):

@@ -9,12 +9,14 @@ the use. Ranks connect to it as clients and pass it to `init_process_group(store
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 from datetime import timedelta
 
 import torch.distributed as dist
 
 from phalanx.errors import LaunchError
+from phalanx.name_lookups import without_reverse_lookups
 
 __all__ = ["connect_store", "host_store"]
 
@@ -45,14 +47,15 @@ def host_store(addr: str, port: int | None, timeout: timedelta) -> dist.TCPStore
     sock = _listening_socket(addr, port or 0)
     bound_port = sock.getsockname()[1]
     try:
-        store = dist.TCPStore(
-            addr,
-            bound_port,
-            is_master=True,
-            timeout=timeout,
-            wait_for_workers=False,
-            master_listen_fd=sock.fileno(),
-        )
+        with without_reverse_lookups(addr):  # the store connects a client of its own
+            store = dist.TCPStore(
+                addr,
+                bound_port,
+                is_master=True,
+                timeout=timeout,
+                wait_for_workers=False,
+                master_listen_fd=sock.fileno(),
+            )
     except BaseException:
         sock.close()
         raise
@@ -62,7 +65,8 @@ def host_store(addr: str, port: int | None, timeout: timedelta) -> dist.TCPStore
 
 def connect_store(addr: str, port: int, timeout: timedelta) -> dist.TCPStore:
     """Join a store that another process hosts."""
-    return dist.TCPStore(addr, port, is_master=False, timeout=timeout)
+    with without_reverse_lookups(addr):
+        return dist.TCPStore(addr, port, is_master=False, timeout=timeout)
 
 
 def _address_of_interface(name: str) -> str | None:
@@ -79,22 +83,32 @@ def _address_of_interface(name: str) -> str | None:
     return socket.inet_ntoa(answer[20:24])
 
 
+def _numeric_address(address: str) -> str:
+    """`address` itself if it is an IPv4 address, else the one it resolves to."""
+    try:
+        ipaddress.IPv4Address(address)
+    except ValueError:
+        return socket.gethostbyname(address)
+    return address
+
+
 def interface_towards(address: str) -> str | None:
     """The name of the local network interface that routes to `address`, or None.
 
-    gloo picks its interface by resolving the host name, which many machines map to
-    127.0.0.1: ranks on other hosts then cannot reach it. The interface that routes to the
-    rendezvous address is the one the other hosts can reach. (A UDP connect sends nothing.)
+    gloo picks its interface by resolving the host name. Many machines map that name to
+    127.0.0.1, and ranks on other hosts then cannot reach it; on others it resolves (through
+    DNS, in every rank) to an address that other hosts can reach, and a job that never leaves
+    this machine then listens on the network. The interface that routes to the rendezvous
+    address is the one the other ranks reach: loopback for a job on one machine. (A UDP
+    connect sends nothing.)
     """
     if not hasattr(socket, "if_nameindex"):
         return None
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.connect((socket.gethostbyname(address), 9))
+            probe.connect((_numeric_address(address), 9))
             local = probe.getsockname()[0]
     except OSError:
-        return None
-    if local.startswith("127."):
         return None
     for _, name in socket.if_nameindex():
         try:
