@@ -198,17 +198,17 @@ def _register_exit_handler(folder):
 
     rank = px.get_rank()
 
-    def record():  # what a user's exit handler does: flush something to disk
-        (folder / f"rank{rank}").write_text("flushed")
+    def record():  # what a user's exit handler does: flush something to disk, maybe with the group
+        (folder / f"rank{rank}").write_text(f"flushed, group alive: {dist.is_initialized()}")
 
     atexit.register(record)
     return rank
 
 
-def test_exit_handlers_registered_in_a_rank_run_before_the_rank_ends(tmp_path):
+def test_exit_handlers_registered_in_a_rank_run_before_the_rank_ends_with_the_group_alive(tmp_path):
     assert px.launch(_register_exit_handler, tmp_path, platform=CPU) == [0, 1]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["rank0", "rank1"]
-    assert (tmp_path / "rank1").read_text() == "flushed"
+    assert (tmp_path / "rank1").read_text() == "flushed, group alive: True"
 
 
 def test_launches_from_several_threads_at_once_all_succeed():

@@ -31,6 +31,9 @@ __all__ = ["failure_record", "rank_environment", "rank_session", "run_rank"]
 
 
 _unpickling_call = False  # True while this rank imports what the call needs (see launch)
+# A worker's rank session, held until os._exit: once dropped, the garbage collector would
+# close it, and so destroy the group after all (see run_rank).
+_sessions_left_open: list[contextlib.ExitStack] = []
 
 
 def rank_environment(job: dict[str, Any], rank: int, local_rank: int) -> dict[str, str]:
@@ -149,6 +152,12 @@ def run_rank(job: dict[str, Any], spec: dict[str, Any], payload: bytes, result_f
 
     A failure is reported before anything is torn down: the process ends right after, and a
     teardown (destroying an NCCL group with a collective pending) could block the report.
+
+    Nor is the group destroyed after a success: every rank's function has returned, the
+    user's exit handlers run with the group still there, and `os._exit` then closes its
+    connections. `destroy_process_group` would add only gloo's shutdown (18 ms here) to
+    every launch. (It once looked as if ending this way made store connections stall under
+    many quick launches: those were c10d's reverse DNS lookups, see `phalanx.name_lookups`.)
     """
     _fresh_standard_streams()
     os.environ.clear()
@@ -158,6 +167,7 @@ def run_rank(job: dict[str, Any], spec: dict[str, Any], payload: bytes, result_f
         os.chdir(job["cwd"])
     rank = spec["rank"]
     session = contextlib.ExitStack()
+    _sessions_left_open.append(session)
     during = "setup"
     try:
         global _unpickling_call
@@ -182,7 +192,6 @@ def run_rank(job: dict[str, Any], spec: dict[str, Any], payload: bytes, result_f
     if not _send(result_fd, message):
         return 1
     try:
-        session.close()
         import atexit
 
         atexit._run_exitfuncs()

@@ -280,9 +280,6 @@ def shutdown() -> None:
 def _serve_after_exec() -> None:
     import torch  # noqa: F401  - the point of the zygote: import it once for every worker
 
-    import phalanx
-    import phalanx.worker  # noqa: F401
-
     try:
         _serve(int(sys.argv[1]), int(sys.argv[2]))
     finally:
@@ -324,15 +321,18 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     return bytes(buffer)
 
 
+# What every worker runs before the user's function: imported by the zygote before it serves,
+# or each of them would import it again (7 ms a rank here, most of it in copy-on-write faults).
+_WORKER_MODULES = ("phalanx.worker", "encodings.idna")
+
 # Modules that DDP, the optimizers and torch.compile import on first use: about 2.5 s of
 # imports in every rank of every launch that builds a DDP model, unless the zygote has them.
 _WARM_UP_MODULES = ("torch._dynamo", "torch.distributed.fsdp", "torch.nn.parallel")
 _WARM_UP_AFTER_IDLE_SECONDS = 2.0  # not before: a launch right after `import phalanx` must not wait
 
 
-def _warm_up() -> None:
-    """Import what most training jobs need, once, while idle, so that no worker imports it again."""
-    for name in _WARM_UP_MODULES:
+def _import_all(names: tuple[str, ...]) -> None:
+    for name in names:
         try:
             importlib.import_module(name)
         except Exception:  # an optional part missing in this torch build: the workers do without
@@ -361,7 +361,7 @@ class _Server:
         while True:
             events = self.selector.select(None if warmed else _WARM_UP_AFTER_IDLE_SECONDS)
             if not events and not warmed:
-                _warm_up()
+                _import_all(_WARM_UP_MODULES)  # what most training jobs need, while idle
                 warmed = True
             for key, _ in events:
                 if key.data == "control":
@@ -528,4 +528,5 @@ def _serve(control_fd: int, caller_pid: int) -> None:
     _forget_unfinished_imports()
     if os.getppid() != caller_pid:
         return
+    _import_all(_WORKER_MODULES)
     _Server(control_fd).run()
