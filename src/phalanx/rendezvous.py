@@ -18,7 +18,7 @@ import torch.distributed as dist
 from phalanx.errors import LaunchError
 from phalanx.name_lookups import without_reverse_lookups
 
-__all__ = ["connect_store", "host_store"]
+__all__ = ["StoreListener", "connect_store", "host_store"]
 
 
 def _listening_socket(addr: str, port: int) -> socket.socket:
@@ -42,25 +42,44 @@ def _listening_socket(addr: str, port: int) -> socket.socket:
     return sock
 
 
+class StoreListener:
+    """The store's listening socket, bound before the store starts: its port is known at once.
+
+    Ranks may connect as soon as it exists; they wait in its backlog until `host` starts the
+    store on it, so a launch can start its workers and the store at the same time.
+    """
+
+    def __init__(self, addr: str, port: int | None) -> None:
+        self.addr = addr
+        self._socket = _listening_socket(addr, port or 0)
+        self.port: int = self._socket.getsockname()[1]
+
+    def host(self, timeout: timedelta) -> dist.TCPStore:
+        """Start the store on the socket, which it owns from then on (and closes when destroyed)."""
+        try:
+            with without_reverse_lookups(self.addr):  # the store connects a client of its own
+                store = dist.TCPStore(
+                    self.addr,
+                    self.port,
+                    is_master=True,
+                    timeout=timeout,
+                    wait_for_workers=False,
+                    master_listen_fd=self._socket.fileno(),
+                )
+        except BaseException:
+            self._socket.close()
+            raise
+        self._socket.detach()
+        return store
+
+    def close(self) -> None:
+        """Free the port without starting a store (a no-op once `host` succeeded)."""
+        self._socket.close()
+
+
 def host_store(addr: str, port: int | None, timeout: timedelta) -> dist.TCPStore:
     """Start the job's store in this process, listening on `addr` only; port None picks a free one."""
-    sock = _listening_socket(addr, port or 0)
-    bound_port = sock.getsockname()[1]
-    try:
-        with without_reverse_lookups(addr):  # the store connects a client of its own
-            store = dist.TCPStore(
-                addr,
-                bound_port,
-                is_master=True,
-                timeout=timeout,
-                wait_for_workers=False,
-                master_listen_fd=sock.fileno(),
-            )
-    except BaseException:
-        sock.close()
-        raise
-    sock.detach()  # the store owns the descriptor now and closes it when it is destroyed
-    return store
+    return StoreListener(addr, port).host(timeout)
 
 
 def connect_store(addr: str, port: int, timeout: timedelta) -> dist.TCPStore:

@@ -395,7 +395,11 @@ class _Server:
             os.close(fd)
         self.readers[job_socket] = FrameReader()
         self.selector.register(job_socket, selectors.EVENT_READ, "job")
-        write_frame(job_socket.fileno(), encode({"pids": pids}))
+        try:
+            write_frame(job_socket.fileno(), encode({"pids": pids}))
+        except OSError:  # the caller gave the job up while it was being forked
+            self._kill(pids, signal.SIGKILL)
+            self._forget(job_socket)
         return True
 
     def _become_worker(self, header: dict, rank_spec: dict, payload: bytes, fds: list[int]) -> None:

@@ -105,3 +105,20 @@ def test_a_disk_too_full_for_a_checkpoint_raises_on_every_rank_and_keeps_the_pre
     assert any(word in messages[0] for word in ("No space left", "file write failed", "unexpected pos"))
     assert sorted(os.listdir(small_disk)) == ["ckpt.pt"]  # no temporary file left
     assert torch.load(path, weights_only=True)["step"] == 1
+
+
+def test_a_store_that_fails_to_start_stops_the_workers_already_forking(monkeypatch):
+    from phalanx import zygote
+    from phalanx.rendezvous import StoreListener
+
+    serving = zygote.get_zygote().pid
+
+    def fail_to_start(listener, timeout):
+        raise RuntimeError("the store did not start, on purpose")
+
+    monkeypatch.setattr(StoreListener, "host", fail_to_start)  # the zygote is forking the ranks meanwhile
+    with pytest.raises(RuntimeError, match="on purpose"):
+        px.launch(px.get_rank, platform=px.Platform(device="cpu", n_procs=2))
+    monkeypatch.undo()
+    assert px.launch(px.get_rank, platform=px.Platform(device="cpu", n_procs=2)) == [0, 1]
+    assert zygote.get_zygote().pid == serving  # the zygote took the job's end in its stride

@@ -31,7 +31,7 @@ from phalanx.errors import HangError, LaunchError, RankFailure, WorkerError
 from phalanx.hangs import collective_in, hang_verdict, innermost_frame, looks_like_timeout, trim_dump
 from phalanx.output import RankOutput
 from phalanx.platform import Platform
-from phalanx.rendezvous import connect_store, host_store
+from phalanx.rendezvous import StoreListener, connect_store, host_store
 from phalanx.runners.nodes import NodeGroup
 from phalanx.shared_tensors import launch_prefix, remove_shared_files
 from phalanx.worker import failure_record, rank_session
@@ -128,7 +128,8 @@ class LocalJob:
 
     # -- starting ---------------------------------------------------------------------------
 
-    def start(self, payload: bytes) -> None:
+    def start(self, payload: bytes, while_forking: Callable[[], None] | None = None) -> None:
+        """Have the zygote fork the workers; `while_forking` runs in the meantime (it starts the store)."""
         write_ends: list[int] = []
         try:
             for worker in self.workers:
@@ -148,6 +149,8 @@ class LocalJob:
             for fd in write_ends:
                 os.close(fd)
         try:
+            if while_forking is not None:
+                while_forking()
             self._watch()
         except BaseException:
             self._close_all()  # closing the job socket makes the zygote kill the job's workers
@@ -598,8 +601,16 @@ def run_local(
     """
     payload = dumps_call(fn, args, kwargs)
     world_size = platform.world_size
-    store = _job_store(platform)
-    port = store.port if platform.node_rank == 0 else platform.master_port
+    # On one node the store starts while the zygote forks the workers: its socket listens
+    # first, and ranks that connect before the store runs wait in its backlog.
+    listener = StoreListener(platform.master_addr, platform.master_port) if platform.n_nodes == 1 else None
+    store = None if listener is not None else _job_store(platform)
+    port = listener.port if listener is not None else store.port if platform.node_rank == 0 else platform.master_port
+
+    def start_store() -> None:
+        nonlocal store
+        store = listener.host(platform.timeout_delta)
+
     job = _job_description(platform, port, caller_rank, gather)
     job["environ"].update(environment or {})
     first = platform.node_rank * platform.n_procs
@@ -614,7 +625,7 @@ def run_local(
     try:
         try:
             try:
-                local_job.start(payload)
+                local_job.start(payload, start_store if listener is not None else None)
                 if caller_rank is not None:
                     caller_value, _ = _run_in_caller(fn, args, kwargs, job, store, caller_rank, local_job)
                 local_job.wait()
@@ -638,6 +649,8 @@ def run_local(
             local_job.stop()
             local_job.wait()
             del store  # closes the listening socket: the port is free again
+            if listener is not None:
+                listener.close()  # the store never started
     except BaseException:
         remove_shared_files(job["shared_prefix"])
         raise
