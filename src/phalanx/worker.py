@@ -71,7 +71,7 @@ def rank_session(job: dict[str, Any], rank: int, local_rank: int, store: dist.St
             torch.set_num_threads(job["n_cpus"])
         timeout = timedelta(seconds=job["timeout"])
         if job["backend"] == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
-            interface = interface_towards(job["master_addr"])
+            interface = job["gloo_interface"] if "gloo_interface" in job else interface_towards(job["master_addr"])
             if interface is not None:  # ranks on other hosts must reach this one
                 os.environ["GLOO_SOCKET_IFNAME"] = interface
         if store is None:
@@ -160,8 +160,10 @@ def run_rank(job: dict[str, Any], spec: dict[str, Any], payload: bytes, result_f
     many quick launches: those were c10d's reverse DNS lookups, see `phalanx.name_lookups`.)
     """
     _fresh_standard_streams()
-    os.environ.clear()
-    os.environ.update(job["environ"], PHALANX_ROLE="worker")
+    environ = dict(job["environ"], PHALANX_ROLE="worker")
+    if os.environ != environ:  # usually the same: the zygote was copied from the caller
+        os.environ.clear()
+        os.environ.update(environ)
     sys.path[:] = job["sys_path"]
     with contextlib.suppress(OSError):
         os.chdir(job["cwd"])

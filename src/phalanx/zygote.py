@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
+import gc
 import importlib
 import os
 import selectors
@@ -62,15 +64,19 @@ def _cuda_initialised() -> bool:
     return bool(torch is not None and torch.cuda.is_initialized())
 
 
+@functools.cache
+def _prctl():
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl  # looked up once, in the zygote: workers inherit it
+
+
 def _set_parent_death_signal(signum: int) -> None:
     """Linux only: the kernel sends `signum` to this process when its parent thread exits."""
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
     pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signum, 0, 0, 0)
+    _prctl()(pr_set_pdeathsig, signum, 0, 0, 0)
 
 
 @dataclass
@@ -323,7 +329,7 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
 
 # What every worker runs before the user's function: imported by the zygote before it serves,
 # or each of them would import it again (7 ms a rank here, most of it in copy-on-write faults).
-_WORKER_MODULES = ("phalanx.worker", "encodings.idna")
+_WORKER_MODULES = ("phalanx.worker", "phalanx.shared_tensors", "encodings.idna")
 
 # Modules that DDP, the optimizers and torch.compile import on first use: about 2.5 s of
 # imports in every rank of every launch that builds a DDP model, unless the zygote has them.
@@ -332,11 +338,15 @@ _WARM_UP_AFTER_IDLE_SECONDS = 2.0  # not before: a launch right after `import ph
 
 
 def _import_all(names: tuple[str, ...]) -> None:
+    """Import every module that exists here, then keep the garbage collector off all of it."""
     for name in names:
         try:
             importlib.import_module(name)
         except Exception:  # an optional part missing in this torch build: the workers do without
             pass
+    # A worker's collections would otherwise go through every object of torch (a full one takes
+    # 100 ms here), writing to each object's header and so copying its page from the zygote.
+    gc.freeze()
 
 
 class _Server:

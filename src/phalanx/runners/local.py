@@ -31,7 +31,7 @@ from phalanx.errors import HangError, LaunchError, RankFailure, WorkerError
 from phalanx.hangs import collective_in, hang_verdict, innermost_frame, looks_like_timeout, trim_dump
 from phalanx.output import RankOutput
 from phalanx.platform import Platform
-from phalanx.rendezvous import StoreListener, connect_store, host_store
+from phalanx.rendezvous import StoreListener, connect_store, host_store, interface_towards
 from phalanx.runners.nodes import NodeGroup
 from phalanx.shared_tensors import launch_prefix, remove_shared_files
 from phalanx.worker import failure_record, rank_session
@@ -519,6 +519,8 @@ def _job_description(platform: Platform, port: int, caller_rank: int | None, gat
         "master_port": port,
         "device": platform.device,
         "backend": platform.backend,
+        # gloo's interface on this node, found once here rather than in every rank
+        "gloo_interface": interface_towards(platform.master_addr) if platform.backend == "gloo" else None,
         "timeout": platform.timeout_delta.total_seconds(),
         "n_cpus": platform.n_cpus,
         "seed": platform.seed,
