@@ -16,6 +16,7 @@ from phalanx.dist import call_rank_function
 from phalanx.environment import Environment, detect_environment
 from phalanx.errors import LaunchError, PlatformError, WorkerError
 from phalanx.platform import Platform
+from phalanx.runners.local import run_local  # at import: the zygote, copied then, has it for every worker
 
 if TYPE_CHECKING:
     from phalanx.runners.slurm import SlurmJob
@@ -134,7 +135,6 @@ def _launch_once(
         except KeyboardInterrupt:
             job.cancel()  # Ctrl-C while waiting: the job must not run on without anyone waiting
             raise
-    from phalanx.runners.local import run_local
 
     platform = requested.resolve()  # cluster "auto" with no launcher found, or "local"
     _check_caller_rank(caller_rank, platform)

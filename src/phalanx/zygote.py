@@ -327,13 +327,12 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     return bytes(buffer)
 
 
-# What every worker runs before the user's function: imported by the zygote before it serves,
-# or each of them would import it again (7 ms a rank here, most of it in copy-on-write faults).
-_WORKER_MODULES = ("phalanx.worker", "phalanx.shared_tensors", "encodings.idna")
-
 # Modules that DDP, the optimizers and torch.compile import on first use: about 2.5 s of
-# imports in every rank of every launch that builds a DDP model, unless the zygote has them.
-_WARM_UP_MODULES = ("torch._dynamo", "torch.distributed.fsdp", "torch.nn.parallel")
+# imports in every rank of every launch that builds a DDP model, unless the zygote has them;
+# and the codec of host names. (What every worker runs, phalanx.worker and the modules around
+# it, `import phalanx` has imported before the zygote is copied: each worker would otherwise
+# import it again, 7 ms a rank here, most of it copy-on-write faults.)
+_WARM_UP_MODULES = ("torch._dynamo", "torch.distributed.fsdp", "torch.nn.parallel", "encodings.idna")
 _WARM_UP_AFTER_IDLE_SECONDS = 2.0  # not before: a launch right after `import phalanx` must not wait
 
 
@@ -542,5 +541,5 @@ def _serve(control_fd: int, caller_pid: int) -> None:
     _forget_unfinished_imports()
     if os.getppid() != caller_pid:
         return
-    _import_all(_WORKER_MODULES)
+    gc.freeze()  # see _import_all
     _Server(control_fd).run()
