@@ -156,6 +156,28 @@ def test_function_defined_in_main_of_a_script(tmp_path):
     assert result.stdout.strip() == "[0, 1]"
 
 
+def test_a_package_that_imports_phalanx_at_its_top_has_its_functions_in_every_rank(tmp_path):
+    """The zygote was copied while the package was half imported: the ranks import it afresh."""
+    package = tmp_path / "trainer"
+    package.mkdir()
+    (package / "__init__.py").write_text("from trainer import jobs\n")
+    (package / "jobs.py").write_text(
+        "import phalanx as px  # the zygote is copied here, before `work` exists\n"
+        "def work():\n"
+        "    return px.get_rank() * 10\n"
+    )
+    result = run_script(
+        """
+        import trainer  # imports phalanx first, from inside the package
+        import phalanx as px
+        print(px.launch(trainer.jobs.work, platform=px.Platform(device="cpu", n_procs=2)))
+        """,
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[0, 10]"
+
+
 def test_launch_works_when_the_caller_has_threads():
     """A caller with threads (as a notebook kernel has) gets a zygote started by exec."""
     script = """

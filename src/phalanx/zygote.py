@@ -514,15 +514,22 @@ def _forget_unfinished_imports() -> None:
     phalanx is usually imported from the top of another module, so that module (and its
     package) was only partly executed at the fork. A worker must import it afresh, not find a
     half-made module in sys.modules. phalanx itself was complete but for this last step.
+
+    Those modules are the ones whose top-level code is on the stack that forked: looking only
+    there, rather than at each of the 1000+ modules torch brings (6 to 11 ms of copy-on-write
+    faults here, in the way of a launch right after the import), finds the same ones.
     """
-    for name, module in list(sys.modules.items()):
+    frame = sys._getframe()
+    while frame is not None:
+        name = frame.f_globals.get("__name__") if frame.f_code.co_name == "<module>" else None
+        module = sys.modules.get(name) if isinstance(name, str) else None
         spec = getattr(module, "__spec__", None)
-        if spec is None or not getattr(spec, "_initializing", False):
-            continue
-        if name == "phalanx" or name.startswith("phalanx."):
-            spec._initializing = False
-        else:
-            del sys.modules[name]
+        if spec is not None and getattr(spec, "_initializing", False):
+            if name == "phalanx" or name.startswith("phalanx."):
+                spec._initializing = False
+            else:
+                del sys.modules[name]
+        frame = frame.f_back
 
 
 def _serve(control_fd: int, caller_pid: int) -> None:
