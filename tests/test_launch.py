@@ -267,3 +267,29 @@ def test_a_module_that_launches_when_imported_fails_fast_instead_of_hanging(tmp_
     assert result.returncode != 0
     assert "that module launches when it is imported" in result.stderr
     assert 'if __name__ == "__main__":' in result.stderr
+
+
+def test_workers_done_before_the_caller_reads_their_pids_are_collected(monkeypatch):
+    """The zygote's exit reports can arrive in the same read as the pids: none may be lost."""
+    import select
+    import socket
+    import time
+
+    from phalanx.channel import FrameReader
+    from phalanx.runners import local
+
+    watch = local.LocalJob._watch
+
+    def watch_once_every_worker_is_gone(job):
+        expected = 1 + len(job.workers)  # the pids, then one exit report per worker
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            select.select([job._job_socket], [], [], deadline - time.monotonic())
+            waiting = job._job_socket.recv(1 << 16, socket.MSG_PEEK)
+            if len(list(FrameReader().feed(waiting))) >= expected:
+                break
+            time.sleep(0.01)  # some reports are in, not all: look again shortly (bounded above)
+        watch(job)
+
+    monkeypatch.setattr(local.LocalJob, "_watch", watch_once_every_worker_is_gone)
+    assert px.launch(rank_and_arg, "x", platform=CPU) == [(0, "x"), (1, "x")]

@@ -116,6 +116,7 @@ class LocalJob:
         self._caller_thread: int | None = None  # the thread running the caller's rank, while it runs
         self._monitor_thread: threading.Thread | None = None
         self._batch: list[RankFailure] | None = None  # failures read in the monitor's current pass
+        self._early_exits: list[dict[str, Any]] = []  # exit reports read together with the pids
 
     def _make_worker(self, rank: int) -> _Worker:
         show, prefix = self.platform.console_logs, self.platform.rank_prefix
@@ -172,7 +173,11 @@ class LocalJob:
             if not data:
                 raise LaunchError("the zygote process died while starting the workers; launch again")
             for frame in reader.feed(data):
-                pids = decode(frame)["pids"]
+                message = decode(frame)
+                if pids is None:
+                    pids = message["pids"]  # always the zygote's first message
+                else:  # a worker that was done before this read: its exit came along
+                    self._early_exits.append(message)
         self._job_socket.setblocking(False)
         self._job_reader = reader
         for worker, pid in zip(self.workers, pids, strict=True):
@@ -196,7 +201,13 @@ class LocalJob:
                 # rank whose collective timed out reports it before its exit makes the others
                 # lose their peer, and the timeout must start the hang report.
                 self._batch = []
-                for key, _ in self._selector.select(self._next_wake_up()):
+                early, self._early_exits = self._early_exits, []
+                for message in early:
+                    self._on_exit_report(message)
+                # Once every worker is gone there is nothing left to read; the zygote has closed
+                # the job socket by then, and its end of file would look like the zygote's death.
+                done = bool(early) and all(worker.exited for worker in self.workers)
+                for key, _ in [] if done else self._selector.select(0 if early else self._next_wake_up()):
                     kind, owner = key.data
                     if kind == "job":
                         self._read_job_socket()
@@ -230,9 +241,11 @@ class LocalJob:
         if not data:
             raise LaunchError("the zygote process died while the workers ran")
         for frame in self._job_reader.feed(data):
-            message = decode(frame)
-            worker = next(w for w in self.workers if w.pid == message["exit"])
-            self._on_exit(worker, message["status"], message["time"])
+            self._on_exit_report(decode(frame))
+
+    def _on_exit_report(self, message: dict[str, Any]) -> None:
+        worker = next(w for w in self.workers if w.pid == message["exit"])
+        self._on_exit(worker, message["status"], message["time"])
 
     def _read_result(self, worker: _Worker) -> None:
         if worker.result_fd not in self._owned_fds:
