@@ -207,8 +207,11 @@ def test_ddp_wraps_registered_models_in_a_distributed_run():
 
 def test_save_without_waiting_for_the_disk_is_still_a_complete_checkpoint(tmp_path):
     ctx = px.Context(model=torch.nn.Linear(2, 2), step=4)
-    ctx.save(tmp_path / "fast.pt", durable=False)
-    assert sorted(os.listdir(tmp_path)) == ["fast.pt"]  # in place at once: nothing left to flush
+    ctx.save(tmp_path / "fast.pt", durable=False, wait=True)
+    assert sorted(os.listdir(tmp_path)) == ["fast.pt"]  # in place: wait=True returned after the rename
+    ctx.save(tmp_path / "fast.pt", durable=False)  # the rename goes on in the background
+    ctx.wait()
+    assert sorted(os.listdir(tmp_path)) == ["fast.pt"]
     restored = px.Context(model=torch.nn.Linear(2, 2), step=0)
     assert restored.load(tmp_path / "fast.pt") and restored.step == 4
     assert sorted(os.listdir(tmp_path)) == ["fast.pt"]
