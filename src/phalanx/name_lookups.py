@@ -14,7 +14,9 @@ after: the reverse lookup then ends at once, and c10d prints the numeric address
 about the connection needs a name: the address is already numeric. The change is made only
 while no other Python thread runs, so no other code of the process can see it; elsewhere (a
 C library without that function, no `hosts:` line in `/etc/nsswitch.conf`, a host name for
-an address) the lookup goes on as before.
+an address) the lookup goes on as before. glibc treats the order put back as one the
+program chose: the process no longer rereads nsswitch.conf's `hosts:` line if it changes
+later, and no longer asks nscd for host names (it still resolves them in the same order).
 """
 
 from __future__ import annotations
