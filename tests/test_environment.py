@@ -87,11 +87,13 @@ def test_cluster_env_without_a_launcher_is_a_clear_error():
 
 
 JOB = """
-import os, sys, phalanx as px
+import os, sys, time, phalanx as px
 
 def work(scale):
     if os.environ.get("FAIL_RANK") == str(px.get_rank()):
         raise ValueError(f"rank {px.get_rank()} was told to fail")
+    if os.environ.get("BUSY_RANK") == str(px.get_rank()):
+        time.sleep(1.0)  # still computing when the other rank fails
     return px.get_rank() * scale, px.get_world_size(), px.all_reduce(1, op="sum")
 
 try:
@@ -139,6 +141,13 @@ OPEN_MPI = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.
 MPICH_RUN = ["mpirun.mpich", "-np", "2", sys.executable]
 
 
+def test_under_torchrun_a_rank_still_busy_when_another_fails_names_the_cause_too(tmp_path):
+    """torchrun stops every process once one has exited: the failed rank waits for the others first."""
+    result = _run(TORCHRUN, tmp_path, env={"FAIL_RANK": "1", "BUSY_RANK": "0"})
+    assert result.returncode != 0
+    assert result.stdout.count("WorkerError rank=1 type=ValueError") == 2, result.stdout
+
+
 def _require(launcher: list[str]) -> None:
     if shutil.which(launcher[0]) is None:
         pytest.skip(f"{launcher[0]} is not installed (apt-get install openmpi-bin mpich; .ci/run does)")
@@ -160,7 +169,8 @@ def test_mpi_rank_failure_names_the_failing_rank(launcher, tmp_path):
     _require(launcher)
     result = _run(launcher, tmp_path, env={"FAIL_RANK": "0"})
     assert result.returncode != 0
-    assert "WorkerError rank=0 type=ValueError" in result.stdout, result.stdout + result.stderr
+    # rank 0 hosts the store: it keeps it up until rank 1 has read the cause from it
+    assert result.stdout.count("WorkerError rank=0 type=ValueError") == 2, result.stdout + result.stderr
 
 
 def test_torchrun_processes_can_launch_several_times(tmp_path):

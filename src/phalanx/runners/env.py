@@ -25,6 +25,10 @@ from phalanx.worker import failure_record, rank_session
 __all__ = ["run_joined"]
 
 _FAILURE_KEY = "failure/{rank}"
+# How long a failed rank waits, once its group is gone, for the others to record how they
+# ended: torchrun stops every process once one has exited, and a rank still reading the
+# cause from the store would be killed before it could report it.
+_FAILURE_GRACE = timedelta(seconds=2)
 _launches = 0
 
 
@@ -73,6 +77,15 @@ def _recorded_failures(store: dist.Store, world_size: int) -> list[RankFailure]:
     return failures
 
 
+def _await_the_others(store: dist.Store, rank: int, world_size: int) -> None:
+    """Wait (bounded) until every other rank has recorded its failure, or the store is gone."""
+    keys = [_FAILURE_KEY.format(rank=other) for other in range(world_size) if other != rank]
+    try:
+        store.wait(keys, _FAILURE_GRACE)
+    except Exception:  # a rank still busy elsewhere, or rank 0's store gone: report what is there
+        pass
+
+
 def run_joined(
     fn: Callable[..., Any],
     args: tuple,
@@ -117,6 +130,7 @@ def run_joined(
             "Set MASTER_ADDR and MASTER_PORT (or Platform(master_addr=..., master_port=...)) to an address "
             "of rank 0's host and a free port."
         ) from error
+    failed: tuple[dict[str, Any], BaseException] | None = None
     with rank_session(job, rank, local_rank, store):
         try:
             value = call_rank_function(fn, args, kwargs)
@@ -125,19 +139,24 @@ def run_joined(
             # the launcher that owns it decides what that exit means.
             raise
         except BaseException as error:
-            record = failure_record(rank, error)
+            failed = failure_record(rank, error), error
             try:
-                store.set(_FAILURE_KEY.format(rank=rank), pickle.dumps(record))
+                store.set(_FAILURE_KEY.format(rank=rank), pickle.dumps(failed[0]))
             except Exception:
                 pass
-            # A collective that failed because another rank went away: that rank's own record,
-            # written before it left, is the cause (WorkerError puts lost peers last).
-            others = [f for f in _recorded_failures(store, world_size) if f.rank != rank]
-            raise WorkerError([RankFailure.from_record(record), *others]) from error
-        try:
-            values = [None] * world_size
-            dist.all_gather_object(values, value if gather or rank == 0 else None)
-        except Exception as error:
-            lost = RankFailure(rank, type(error).__qualname__, str(error), "", time=float("inf"))
-            raise WorkerError([*_recorded_failures(store, world_size), lost]) from error
+        else:
+            try:
+                values = [None] * world_size
+                dist.all_gather_object(values, value if gather or rank == 0 else None)
+            except Exception as error:
+                lost = RankFailure(rank, type(error).__qualname__, str(error), "", time=float("inf"))
+                raise WorkerError([*_recorded_failures(store, world_size), lost]) from error
+    if failed is not None:
+        # The group is gone now, so ranks blocked in a collective with this one fail at once and
+        # record it. A collective that failed because another rank went away: that rank's own
+        # record, written before it left, is the cause (WorkerError puts lost peers last).
+        record, error = failed
+        _await_the_others(store, rank, world_size)
+        others = [f for f in _recorded_failures(store, world_size) if f.rank != rank]
+        raise WorkerError([RankFailure.from_record(record), *others]) from error
     return values if gather else values[0]
