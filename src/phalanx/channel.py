@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import socket
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +18,7 @@ import cloudpickle
 
 from phalanx.errors import SerializationError
 
-__all__ = ["FrameReader", "decode", "dumps_call", "dumps_value", "encode", "write_frame"]
+__all__ = ["FrameReader", "decode", "dumps_call", "dumps_value", "encode", "read_frame", "recv_exactly", "write_frame"]
 
 _HEADER = struct.Struct("!Q")
 
@@ -38,6 +39,24 @@ def write_frame(fd: int, data: bytes) -> None:
     else:
         _write_all(fd, memoryview(header))
         _write_all(fd, memoryview(data))
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """`size` bytes from a blocking socket; EOFError if it closes first."""
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    while view:
+        received = sock.recv_into(view)
+        if not received:
+            raise EOFError("the other end closed the socket mid-message")
+        view = view[received:]
+    return bytes(buffer)
+
+
+def read_frame(sock: socket.socket) -> bytes:
+    """One frame from a blocking socket, and not a byte of the next: those stay in the socket."""
+    (size,) = _HEADER.unpack(recv_exactly(sock, _HEADER.size))
+    return recv_exactly(sock, size)
 
 
 def _write_all(fd: int, view: memoryview) -> None:

@@ -34,8 +34,13 @@ __all__ = ["without_reverse_lookups"]
 _NSSWITCH = "/etc/nsswitch.conf"
 
 
+@functools.cache
 def _hosts_services(path: str = _NSSWITCH) -> str | None:
-    """The `hosts:` line of nsswitch.conf (what the C library uses now), or None."""
+    """The `hosts:` line of nsswitch.conf (what the C library uses now), or None.
+
+    Read once per process: once the order has been set by this module, glibc no longer rereads
+    the file either, so the line read first stays the order to put back.
+    """
     try:
         with open(path, encoding="utf-8", errors="replace") as config:
             lines = config.read().splitlines()

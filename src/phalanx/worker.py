@@ -25,7 +25,7 @@ import torch.distributed as dist
 from phalanx import dist as rank_state
 from phalanx.channel import dumps_value, encode, write_frame
 from phalanx.errors import SerializationError
-from phalanx.rendezvous import connect_store, interface_towards
+from phalanx.rendezvous import connect_store
 
 __all__ = ["failure_record", "rank_environment", "rank_session", "run_rank"]
 
@@ -71,7 +71,7 @@ def rank_session(job: dict[str, Any], rank: int, local_rank: int, store: dist.St
             torch.set_num_threads(job["n_cpus"])
         timeout = timedelta(seconds=job["timeout"])
         if job["backend"] == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
-            interface = job["gloo_interface"] if "gloo_interface" in job else interface_towards(job["master_addr"])
+            interface = job["gloo_interface"]
             if interface is not None:  # ranks on other hosts must reach this one
                 os.environ["GLOO_SOCKET_IFNAME"] = interface
         if store is None:

@@ -39,7 +39,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from phalanx.channel import FrameReader, decode, encode, write_frame
+from phalanx.channel import FrameReader, decode, encode, recv_exactly, write_frame
 
 __all__ = ["Zygote", "get_zygote", "helper_pids", "prestart"]
 
@@ -310,21 +310,10 @@ def _receive_job(control: socket.socket) -> tuple[dict[str, Any], bytes, list[in
     if not data:
         return None
     while len(data) < 8:
-        data += _recv_exactly(control, 8 - len(data))
-    header = decode(_recv_exactly(control, int.from_bytes(data, "big")))
-    payload = _recv_exactly(control, header["payload_size"])
+        data += recv_exactly(control, 8 - len(data))
+    header = decode(recv_exactly(control, int.from_bytes(data, "big")))
+    payload = recv_exactly(control, header["payload_size"])
     return header, payload, list(fds)
-
-
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    buffer = bytearray(size)
-    view = memoryview(buffer)
-    while view:
-        received = sock.recv_into(view)
-        if not received:
-            raise EOFError("the caller closed the control socket mid-message")
-        view = view[received:]
-    return bytes(buffer)
 
 
 # Modules that DDP, the optimizers and torch.compile import on first use: about 2.5 s of

@@ -19,7 +19,7 @@ from phalanx.dist import call_rank_function
 from phalanx.environment import Environment
 from phalanx.errors import LaunchError, RankFailure, WorkerError
 from phalanx.platform import Platform
-from phalanx.rendezvous import connect_store, host_store
+from phalanx.rendezvous import connect_store, host_store, interface_towards
 from phalanx.worker import failure_record, rank_session
 
 __all__ = ["run_joined"]
@@ -116,6 +116,7 @@ def run_joined(
         "master_port": port,
         "device": platform.device,
         "backend": platform.backend,
+        "gloo_interface": interface_towards(address) if platform.backend == "gloo" else None,
         "timeout": timeout.total_seconds(),
         "n_cpus": platform.n_cpus,
         "seed": platform.seed,

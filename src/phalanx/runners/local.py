@@ -25,7 +25,7 @@ from typing import Any
 import cloudpickle
 import torch.distributed as dist
 
-from phalanx.channel import FrameReader, decode, dumps_call, dumps_value, encode, write_frame
+from phalanx.channel import FrameReader, decode, dumps_call, dumps_value, encode, read_frame, write_frame
 from phalanx.dist import call_rank_function
 from phalanx.errors import HangError, LaunchError, RankFailure, WorkerError
 from phalanx.hangs import collective_in, hang_verdict, innermost_frame, looks_like_timeout, trim_dump
@@ -116,7 +116,6 @@ class LocalJob:
         self._caller_thread: int | None = None  # the thread running the caller's rank, while it runs
         self._monitor_thread: threading.Thread | None = None
         self._batch: list[RankFailure] | None = None  # failures read in the monitor's current pass
-        self._early_exits: list[dict[str, Any]] = []  # exit reports read together with the pids
 
     def _make_worker(self, rank: int) -> _Worker:
         show, prefix = self.platform.console_logs, self.platform.rank_prefix
@@ -160,26 +159,19 @@ class LocalJob:
 
     def _watch(self) -> None:
         self._job_socket.settimeout(_START_TIMEOUT_SECONDS)
-        reader = FrameReader()
-        pids = None
-        while pids is None:
-            try:
-                data = self._job_socket.recv(65536)
-            except TimeoutError as error:
-                raise LaunchError(
-                    f"the zygote process did not start the workers within {_START_TIMEOUT_SECONDS:.0f} s; "
-                    "launch again (set PHALANX_FORK_ZYGOTE=0 if this keeps happening)"
-                ) from error
-            if not data:
-                raise LaunchError("the zygote process died while starting the workers; launch again")
-            for frame in reader.feed(data):
-                message = decode(frame)
-                if pids is None:
-                    pids = message["pids"]  # always the zygote's first message
-                else:  # a worker that was done before this read: its exit came along
-                    self._early_exits.append(message)
+        try:
+            # The zygote's first message; exit reports of workers already done stay in the
+            # socket for the monitor.
+            pids = decode(read_frame(self._job_socket))["pids"]
+        except TimeoutError as error:
+            raise LaunchError(
+                f"the zygote process did not start the workers within {_START_TIMEOUT_SECONDS:.0f} s; "
+                "launch again (set PHALANX_FORK_ZYGOTE=0 if this keeps happening)"
+            ) from error
+        except EOFError as error:
+            raise LaunchError("the zygote process died while starting the workers; launch again") from error
         self._job_socket.setblocking(False)
-        self._job_reader = reader
+        self._job_reader = FrameReader()
         for worker, pid in zip(self.workers, pids, strict=True):
             worker.pid = pid
             os.set_blocking(worker.result_fd, False)
@@ -201,13 +193,7 @@ class LocalJob:
                 # rank whose collective timed out reports it before its exit makes the others
                 # lose their peer, and the timeout must start the hang report.
                 self._batch = []
-                early, self._early_exits = self._early_exits, []
-                for message in early:
-                    self._on_exit_report(message)
-                # Once every worker is gone there is nothing left to read; the zygote has closed
-                # the job socket by then, and its end of file would look like the zygote's death.
-                done = bool(early) and all(worker.exited for worker in self.workers)
-                for key, _ in [] if done else self._selector.select(0 if early else self._next_wake_up()):
+                for key, _ in self._selector.select(self._next_wake_up()):
                     kind, owner = key.data
                     if kind == "job":
                         self._read_job_socket()
@@ -241,11 +227,9 @@ class LocalJob:
         if not data:
             raise LaunchError("the zygote process died while the workers ran")
         for frame in self._job_reader.feed(data):
-            self._on_exit_report(decode(frame))
-
-    def _on_exit_report(self, message: dict[str, Any]) -> None:
-        worker = next(w for w in self.workers if w.pid == message["exit"])
-        self._on_exit(worker, message["status"], message["time"])
+            message = decode(frame)
+            worker = next(w for w in self.workers if w.pid == message["exit"])
+            self._on_exit(worker, message["status"], message["time"])
 
     def _read_result(self, worker: _Worker) -> None:
         if worker.result_fd not in self._owned_fds:
@@ -532,7 +516,7 @@ def _job_description(platform: Platform, port: int, caller_rank: int | None, gat
         "master_port": port,
         "device": platform.device,
         "backend": platform.backend,
-        # gloo's interface on this node, found once here rather than in every rank
+        # gloo's interface on this node (the ranks set GLOO_SOCKET_IFNAME to it), found once here
         "gloo_interface": interface_towards(platform.master_addr) if platform.backend == "gloo" else None,
         "timeout": platform.timeout_delta.total_seconds(),
         "n_cpus": platform.n_cpus,
@@ -618,9 +602,13 @@ def run_local(
     world_size = platform.world_size
     # On one node the store starts while the zygote forks the workers: its socket listens
     # first, and ranks that connect before the store runs wait in its backlog.
-    listener = StoreListener(platform.master_addr, platform.master_port) if platform.n_nodes == 1 else None
-    store = None if listener is not None else _job_store(platform)
-    port = listener.port if listener is not None else store.port if platform.node_rank == 0 else platform.master_port
+    listener, store = None, None
+    if platform.n_nodes == 1:
+        listener = StoreListener(platform.master_addr, platform.master_port)
+        port = listener.port
+    else:
+        store = _job_store(platform)
+        port = store.port if platform.node_rank == 0 else platform.master_port
 
     def start_store() -> None:
         nonlocal store
