@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import phalanx as px
-from tests.conftest import CPU
+from tests.conftest import CPU, run_script
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -257,3 +257,80 @@ def test_a_failed_background_flush_fails_the_rank_and_keeps_the_previous_checkpo
     assert info.value.exc_type == "CheckpointError"
     assert px.Context(step=0).load(path) and torch.load(path, weights_only=True)["step"] == 1
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+
+
+def test_loading_a_directory_says_it_is_one_and_what_to_pass(tmp_path):
+    with pytest.raises(px.CheckpointError, match=r"is a directory, not a checkpoint file: pass the path of the file"):
+        px.Context(step=0).load(tmp_path)
+
+
+def test_saving_to_a_directory_fails_the_script_at_once_with_the_path(tmp_path):
+    script = f"""
+        import phalanx as px
+        try:
+            px.Context(step=1).save({str(tmp_path)!r})
+        except px.CheckpointError as error:
+            print("raised in save:", error)
+            raise
+    """
+    result = run_script(script)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"raised in save: cannot write checkpoint {tmp_path}: it is a directory" in result.stdout
+    assert "Exception ignored" not in result.stderr
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def _save_to(path: str) -> str:
+    try:
+        px.Context(step=1).save(path)
+    except px.CheckpointError as error:
+        return str(error)
+    return "saved"
+
+
+def test_saving_to_a_directory_raises_on_every_rank(tmp_path):
+    for message in px.launch(_save_to, str(tmp_path), platform=CPU):
+        assert f"cannot write checkpoint {tmp_path}: it is a directory" in message
+
+
+def test_a_background_save_that_fails_unwaited_ends_the_program_with_one_line_and_code_1(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    script = f"""
+        import os
+        import phalanx as px
+
+        def no_space(fd):
+            raise OSError(28, "No space left on device")
+
+        os.fsync = no_space  # the background flush fails, as on a full disk
+        px.Context(step=1).save({str(path)!r})
+        print("the script ended")
+    """
+    result = run_script(script)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "the script ended" in result.stdout
+    lines = [line for line in result.stderr.splitlines() if "phalanx: checkpoint" in line]
+    assert lines == [line for line in result.stderr.splitlines() if line.strip()]  # nothing else, no traceback
+    assert lines and lines[0].startswith(f"phalanx: checkpoint {path} was not written: [Errno 28] No space left")
+    assert not path.exists()
+
+
+def test_a_torch_older_than_2_6_refuses_to_load(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    px.Context(step=3).save(path, wait=True)
+    import phalanx.context
+
+    monkeypatch.setattr(phalanx.context, "_torch_loads_weights_only_safely", lambda: False)
+    ctx = px.Context(step=0)
+    with pytest.raises(px.CheckpointError, match=r"before torch 2\.6 .*weights_only=True.* Install torch>=2\.6"):
+        ctx.load(path)
+    assert ctx.step == 0
+
+
+def test_a_checkpoint_gets_the_umask_permissions_not_private_ones(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        px.Context(step=1).save(tmp_path / "ckpt.pt", wait=True)
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "ckpt.pt").stat().st_mode & 0o777 == 0o644

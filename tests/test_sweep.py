@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import stat
 
 import pytest
 
@@ -52,3 +54,16 @@ def test_a_list_of_dicts_is_run_as_given():
 def test_a_bad_grid_is_refused():
     with pytest.raises(px.PhalanxError, match=r"grid\['lr'\] must be a list"):
         px.sweep(score, {"lr": 0.1}, progress=False)
+
+
+def test_a_log_dir_keeps_a_json_record_and_a_private_value_file_per_finished_point(tmp_path):
+    log_dir = tmp_path / "sweep"
+    one_slot = px.Platform(device="cpu", n_procs=1)
+    px.sweep(score, {"lr": [0.1], "depth": [1]}, platform=one_slot, log_dir=log_dir, progress=False)
+    points = log_dir / "points"
+    assert stat.S_IMODE(points.stat().st_mode) == 0o700 and stat.S_IMODE(log_dir.stat().st_mode) == 0o700
+    (record_file,) = points.glob("*.json")
+    record = json.loads(record_file.read_text())
+    assert record["params"] == {"lr": 0.1, "depth": 1}
+    assert sorted(os.listdir(points)) == sorted([record_file.name, record["value_file"]])
+    assert all(stat.S_IMODE((points / name).stat().st_mode) == 0o600 for name in os.listdir(points))

@@ -31,6 +31,7 @@ from phalanx.errors import (
     PlatformError,
     RankFailure,
     SerializationError,
+    UntrustedFileError,
     WorkerError,
 )
 from phalanx.launch import launch, submit
@@ -56,6 +57,7 @@ __all__ = [
     "SerializationError",
     "ShardedLoader",
     "SweepResult",
+    "UntrustedFileError",
     "WorkerError",
     "Wrapper",
     "add_platform_arguments",

@@ -15,6 +15,9 @@ import os
 import pickle
 import random
 import re
+import secrets
+import stat
+import sys
 import threading
 import zipfile
 from collections.abc import Callable, Iterator
@@ -22,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.torch_version import TorchVersion
 
 from phalanx import dist as ranks
 from phalanx.errors import CheckpointError
+from phalanx.files import create_exclusive
 from phalanx.training import prepare_model, unwrap_model
 
 __all__ = ["Context", "read_checkpoint", "rng_state", "set_rng_state", "wait_for_saves", "write_atomically"]
@@ -105,7 +110,17 @@ def _fsync_directory(directory: Path) -> None:
 
 
 _in_flight: threading.Thread | None = None  # the master's last durable save, finishing in the background
-_in_flight_error: CheckpointError | None = None
+_in_flight_failure: tuple[Path, str, CheckpointError] | None = None  # its path, the reason, the error
+
+
+def _join_in_flight() -> tuple[Path, str, CheckpointError] | None:
+    """Wait for the background save, if any; return (and forget) how it failed, if it did."""
+    global _in_flight, _in_flight_failure
+    if _in_flight is not None:
+        _in_flight.join()
+        _in_flight = None
+    failure, _in_flight_failure = _in_flight_failure, None
+    return failure
 
 
 def wait_for_saves() -> None:
@@ -114,13 +129,37 @@ def wait_for_saves() -> None:
     The next `save` and `load`, the end of a launched rank and the end of the interpreter call
     it, so a checkpoint is never left in flight.
     """
-    global _in_flight, _in_flight_error
-    if _in_flight is not None:
-        _in_flight.join()
-        _in_flight = None
-    error, _in_flight_error = _in_flight_error, None
-    if error is not None:
-        raise error
+    failure = _join_in_flight()
+    if failure is not None:
+        raise failure[2]
+
+
+def _report_unwritten_checkpoint_at_exit() -> None:
+    """At interpreter exit: a background save that failed, and that nothing waited for, fails the program.
+
+    An exception in an exit handler is printed as "Exception ignored in atexit callback" and the
+    exit code stays 0, as if the checkpoint were on disk. Instead this prints one line and exits
+    with code 1. The exit code is already decided when exit handlers run, so only `os._exit` can
+    change it: the exit handlers registered before phalanx was imported, and the interpreter's
+    own last clean-up, are skipped (the standard streams and logging are flushed first).
+    """
+    failure = _join_in_flight()
+    if failure is None:
+        return
+    path, reason, _ = failure
+    print(
+        f"phalanx: checkpoint {path} was not written: {reason} (a previous checkpoint there is unchanged; "
+        "call ctx.wait() before the program ends to get this as a CheckpointError)",
+        file=sys.stderr,
+    )
+    if "logging" in sys.modules:
+        sys.modules["logging"].shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    os._exit(1)
 
 
 def _remove(path: Path) -> None:
@@ -130,29 +169,61 @@ def _remove(path: Path) -> None:
         pass
 
 
-def _put_in_place(temporary: Path, path: Path, durable: bool) -> None:
-    """fsync the written file (when durable), rename it over `path`, fsync the directory."""
+def _temporary_path(path: Path) -> Path:
+    """A fresh name beside `path`, unguessable, so that no one can put a link there in advance."""
+    return path.parent / f".{path.name}.tmp-{secrets.token_hex(8)}"
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files an earlier crash left beside `path`: this user's only, never followed."""
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    for stale in glob.glob(glob.escape(str(path.parent / f".{path.name}.tmp-")) + "*"):
+        try:
+            info = os.lstat(stale)
+        except OSError:
+            continue
+        if uid is None or info.st_uid == uid:  # unlink removes a link itself, not what it points to
+            _remove(Path(stale))
+
+
+def _is_directory(path: Path) -> bool:
     try:
-        if durable:
-            fd = os.open(temporary, os.O_RDONLY)
-            try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)  # a link to a folder is replaced like a file
+    except OSError:
+        return False
+
+
+def _cannot_write(path: Path, reason: object) -> CheckpointError:
+    return CheckpointError(f"cannot write checkpoint {path}: {reason}; the previous file is unchanged")
+
+
+def _put_in_place(fd: int, temporary: Path, path: Path, durable: bool) -> None:
+    """fsync the written file (when durable) and close it, rename it over `path`, fsync the directory.
+
+    The fsync goes through the descriptor the data was written to: the temporary is never
+    opened again by name, so nothing put at that name meanwhile is flushed or followed.
+    """
+    try:
+        try:
+            if durable:
                 os.fsync(fd)
-            finally:
-                os.close(fd)
+        finally:
+            os.close(fd)
         os.replace(temporary, path)
     except OSError as error:
         _remove(temporary)
-        raise CheckpointError(f"cannot write checkpoint {path}: {error}; the previous file is unchanged") from error
+        raise _cannot_write(path, error) from error
     if durable:
         _fsync_directory(path.parent)
 
 
-def _put_in_place_in_background(temporary: Path, path: Path, durable: bool) -> None:
-    global _in_flight_error
+def _put_in_place_in_background(fd: int, temporary: Path, path: Path, durable: bool) -> None:
+    global _in_flight_failure
     try:
-        _put_in_place(temporary, path, durable)
+        _put_in_place(fd, temporary, path, durable)
     except CheckpointError as error:
-        _in_flight_error = error
+        reason = error.__cause__ if error.__cause__ is not None else error
+        _in_flight_failure = (path, str(reason), error)
 
 
 def write_atomically(state: dict[str, Any], path: Path, durable: bool = True, background: bool = False) -> None:
@@ -167,36 +238,77 @@ def write_atomically(state: dict[str, Any], path: Path, durable: bool = True, ba
     even without the fsync: renaming over the previous file makes ext4 start writing the new
     one back at once (its `auto_da_alloc`), which took 3 times as long as the write itself. Temporary
     files that an earlier crash left behind are removed.
+
+    The temporary file has an unguessable name and is created with O_EXCL|O_NOFOLLOW, so a
+    link that someone who can write the folder put in its place is never written through: the
+    save fails with a `CheckpointError` instead. It gets the user's umask (checkpoints are the
+    user's data, not phalanx's private files).
     """
     global _in_flight
     wait_for_saves()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in glob.glob(glob.escape(str(path.parent / f".{path.name}.tmp-")) + "*"):
-        _remove(Path(stale))
-    temporary = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    if _is_directory(path):
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: it is a directory. Pass the path of a file inside it, "
+            f"for example {path / 'ckpt.pt'}"
+        )
     try:
-        with open(temporary, "wb") as file:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _cannot_write(path, error) from error
+    _remove_stale_temporaries(path)
+    temporary = _temporary_path(path)
+    try:
+        fd = create_exclusive(temporary, 0o666)
+    except FileExistsError as error:
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: its temporary file {temporary} already exists (a link or a file "
+            "put there by someone who can write that folder?). Nothing was written through it and the "
+            "previous file is unchanged; keep checkpoints in a folder only you can write."
+        ) from error
+    except OSError as error:
+        raise _cannot_write(path, error) from error
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as file:
             torch.save(state, file)
     except BaseException as error:
+        os.close(fd)
         _remove(temporary)
         if isinstance(error, (OSError, RuntimeError)):  # torch reports a full disk as a RuntimeError
-            raise CheckpointError(f"cannot write checkpoint {path}: {error}; the previous file is unchanged") from error
+            raise _cannot_write(path, error) from error
         raise
     if background:
         _in_flight = threading.Thread(
-            target=_put_in_place_in_background, args=(temporary, path, durable), name="phalanx-checkpoint"
+            target=_put_in_place_in_background, args=(fd, temporary, path, durable), name="phalanx-checkpoint"
         )
         _in_flight.start()
     else:
-        _put_in_place(temporary, path, durable)
+        _put_in_place(fd, temporary, path, durable)
 
 
 ranks._on_finish(wait_for_saves)
-atexit.register(wait_for_saves)
+atexit.register(_report_unwritten_checkpoint_at_exit)
+
+_SAFE_TORCH = "2.6"  # before it, weights_only=True could be made to run code (CVE-2025-32434)
+
+
+def _torch_loads_weights_only_safely() -> bool:
+    """True when this torch's `torch.load(weights_only=True)` cannot be made to run code."""
+    return TorchVersion(torch.__version__) >= _SAFE_TORCH
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint without running any code from it; clear errors for every bad file."""
+    if not _torch_loads_weights_only_safely():
+        raise CheckpointError(
+            f"checkpoint {path} was not loaded: this is torch {torch.__version__}, and before torch {_SAFE_TORCH} "
+            "a checkpoint could run code even through torch.load(weights_only=True) (CVE-2025-32434). "
+            f"Install torch>={_SAFE_TORCH} to load checkpoints."
+        )
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a directory, not a checkpoint file: pass the path of the file that "
+            f"Context.save wrote, for example {path / 'ckpt.pt'}"
+        )
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut or damaged one is not
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt: it is not a complete file written by torch.save. "
@@ -318,9 +430,11 @@ class Context:
         file to disk before it replaces `path`, so that a power loss cannot corrupt it either.
         That flush happens in the background: `save` returns once the state is written, and the
         next `save` or `load`, the end of the rank and the end of the program wait for it (a
-        failure there raises `CheckpointError` at that point). `wait=True` returns only when the
+        failure there raises `CheckpointError` at that point; at the end of the program it is
+        reported in one line on stderr and the exit code is 1). `wait=True` returns only when the
         file is on disk and in place. `durable=False` skips the flush; the file still replaces
-        `path` in the background, as above.
+        `path` in the background, as above. A `path` that is a directory raises
+        `CheckpointError` at once, on every rank.
         """
         path = Path(path)
         state = self.state_dict()

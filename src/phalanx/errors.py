@@ -15,6 +15,7 @@ __all__ = [
     "PlatformError",
     "RankFailure",
     "SerializationError",
+    "UntrustedFileError",
     "WorkerError",
 ]
 
@@ -41,6 +42,14 @@ class LaunchError(PhalanxError, RuntimeError):
 
 class CheckpointError(PhalanxError):
     """A checkpoint cannot be written or read: missing, truncated, corrupt, or carrying code."""
+
+
+class UntrustedFileError(PhalanxError, PermissionError):
+    """A file phalanx would read back could have been written by someone else: it is refused unread.
+
+    Raised for a file not owned by this user, a symbolic link, or a file in a folder that other
+    users can write (group- or world-writable without the sticky bit, or owned by another user).
+    """
 
 
 class SerializationError(PhalanxError, TypeError):

@@ -8,6 +8,12 @@ tensor is freed. Views of one storage share one file. Anything that cannot go th
 /dev/shm, a full one, CUDA or sparse tensors) is pickled as usual. Files are named after the
 launch (`phalanx-<caller pid>-<launch>-...`), so the caller removes whatever a failed or
 killed rank left behind.
+
+/dev/shm is writable by every user (with the sticky bit), and the names can be guessed. So a
+rank creates each file with O_EXCL|O_NOFOLLOW (a name someone else took first, a planted link,
+makes that tensor go through the pipe instead), and the caller maps only a file owned by this
+user: in a sticky folder no one else can replace such a file. Anything else is refused with
+`UntrustedFileError` and the value is not unpickled further.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from typing import Any
 
 import cloudpickle
 import torch
+
+from phalanx.errors import UntrustedFileError
+from phalanx.files import PRIVATE_MODE, create_exclusive, open_owned
 
 __all__ = ["SHARED_MEMORY_FOLDER", "dumps_sharing_tensors", "launch_prefix", "remove_shared_files"]
 
@@ -47,9 +56,11 @@ def remove_shared_files(prefix: str | None) -> None:
     """Remove the files of one launch that no caller mapped (a rank failed or was killed)."""
     if prefix is None:
         return
+    uid = os.getuid()
     for path in glob.glob(os.path.join(SHARED_MEMORY_FOLDER, glob.escape(prefix) + "*")):
         with contextlib.suppress(OSError):
-            os.unlink(path)
+            if os.lstat(path).st_uid == uid:  # another user's file at our name is theirs to remove
+                os.unlink(path)
 
 
 class _SharedStorage:
@@ -64,14 +75,23 @@ class _SharedStorage:
 
 
 def _map_shared_file(name: str, nbytes: int) -> torch.Tensor:
-    """In the caller: map the file copy-on-write as bytes, then unlink it (the mapping stays)."""
+    """In the caller: map the file copy-on-write as bytes, then unlink it (the mapping stays).
+
+    Only a regular file of this user's, at least `nbytes` long, is mapped; anything else raises
+    `UntrustedFileError` (which stops the unpickling of the whole value) and is left in place.
+    """
     path = os.path.join(SHARED_MEMORY_FOLDER, name)
-    fd = os.open(path, os.O_RDONLY)
+    if os.path.basename(name) != name:
+        raise UntrustedFileError(f"shared memory file name {name!r} is not a plain name in {SHARED_MEMORY_FOLDER}")
+    fd = open_owned(path)  # no link followed; ownership is checked on the descriptor that is mapped
     try:
+        size = os.fstat(fd).st_size
+        if size < nbytes:
+            raise UntrustedFileError(f"{path!r} holds {size} bytes where the rank wrote {nbytes}: it was changed")
         mapping = mmap.mmap(fd, nbytes, access=mmap.ACCESS_COPY)
     finally:
         os.close(fd)
-        os.unlink(path)
+    os.unlink(path)
     return torch.frombuffer(mapping, dtype=torch.uint8)  # keeps `mapping` alive as long as needed
 
 
@@ -91,12 +111,17 @@ def _rebuild_tensor(
 
 
 def _write_file(path: str, storage: torch.UntypedStorage) -> None:
+    """Write one storage to a new file at `path`; OSError if anything is already there."""
     data = memoryview(torch.empty(0, dtype=torch.uint8).set_(storage).numpy())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = create_exclusive(path, PRIVATE_MODE)  # O_EXCL|O_NOFOLLOW: never another's file or a link
     try:
         while data:  # a full /dev/shm raises ENOSPC here, never a SIGBUS later
             written = os.write(fd, data)
             data = data[written:]
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # this file is the one just created: it is ours to remove
+        raise
     finally:
         os.close(fd)
 
@@ -141,9 +166,7 @@ class _SharingPickler(cloudpickle.Pickler):
             path = os.path.join(SHARED_MEMORY_FOLDER, name)
             try:
                 _write_file(path, storage)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+            except OSError:  # full, or the name is taken: this storage is pickled instead
                 return None
             self._written.append(path)
             self._storages[key] = _SharedStorage(name, storage.nbytes())

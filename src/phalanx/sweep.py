@@ -4,6 +4,12 @@ A slot is one GPU (one rank on it) or, on CPU, one process. As many points run a
 there are slots; each point is a normal `launch` of one rank, so a failing point is reported
 with its traceback and the others go on. With a `log_dir`, each finished point's result is
 written there, and a second run with the same `log_dir` skips the points already done.
+
+What a `log_dir` holds is read back only if this user wrote it: each finished point has a JSON
+record (its parameters and the name of its value file) and a value file (cloudpickle, since a
+value can be any object). Both are read through `phalanx.files.read_trusted`, so a file that
+another user could have written or replaced is refused, unread, before any point runs: a
+pickle from a stranger would run their code here.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from typing import Any
 
 import cloudpickle
 
-from phalanx.errors import PhalanxError
+from phalanx.errors import PhalanxError, UntrustedFileError
+from phalanx.files import PRIVATE_MODE, check_trusted_folder, read_trusted, write_atomically
 from phalanx.platform import Platform
 
 __all__ = ["SweepResult", "grid_points", "sweep"]
@@ -60,6 +67,60 @@ def _point_key(params: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+_RECORD_VERSION = 1
+_PRIVATE_FOLDER_MODE = 0o700
+
+
+def _points_folder(log_dir: str | os.PathLike) -> Path:
+    """`log_dir/points`, created private; refused if another user could write either folder."""
+    log_dir = Path(log_dir)
+    log_dir.mkdir(mode=_PRIVATE_FOLDER_MODE, parents=True, exist_ok=True)
+    folder = log_dir / "points"
+    folder.mkdir(mode=_PRIVATE_FOLDER_MODE, exist_ok=True)
+    check_trusted_folder(log_dir)  # whoever can write log_dir can put a folder of theirs at points
+    check_trusted_folder(folder)
+    return folder
+
+
+def _read_finished(folder: Path, key: str) -> bytes | None:
+    """The pickled value of a point an earlier run finished, or None; only files this user wrote.
+
+    Nothing is unpickled here: the record is JSON, and the value's bytes are returned only once
+    `read_trusted` accepted its file.
+    """
+    record_path = folder / f"{key}.json"
+    if not os.path.lexists(record_path):  # lexists: a planted link is refused below, not skipped
+        return None
+    try:
+        record = json.loads(read_trusted(record_path))
+    except ValueError as error:  # UnicodeDecodeError too
+        raise PhalanxError(
+            f"sweep record {str(record_path)!r} is not valid JSON ({error}); remove it to run that point again"
+        ) from error
+    value_file = record.get("value_file") if isinstance(record, dict) else None
+    if not isinstance(value_file, str) or Path(value_file).name != value_file or value_file in ("", ".", ".."):
+        raise PhalanxError(
+            f"sweep record {str(record_path)!r} names no value file in its folder ({value_file!r}); "
+            "remove it to run that point again"
+        )
+    try:
+        return read_trusted(folder / value_file)
+    except FileNotFoundError as error:
+        raise PhalanxError(
+            f"sweep record {str(record_path)!r} names {value_file!r}, which is missing; "
+            "remove the record to run that point again"
+        ) from error
+
+
+def _write_finished(folder: Path, key: str, params: dict[str, Any], value: Any) -> None:
+    """The value first, then the record that says the point is done: a crash between reruns it."""
+    value_file = f"{key}.pkl"
+    write_atomically(folder / value_file, cloudpickle.dumps(value), mode=PRIVATE_MODE)
+    record = {"version": _RECORD_VERSION, "params": params, "value_file": value_file}
+    text = json.dumps(record, sort_keys=True, indent=1, default=repr)
+    write_atomically(folder / f"{key}.json", text.encode(), mode=PRIVATE_MODE)
+
+
 def _slots(platform: Platform) -> list[dict[str, str]]:
     """One environment override per slot: a GPU each for cuda, nothing to pin for CPU processes."""
     resolved = platform.resolve()
@@ -86,6 +147,8 @@ def sweep(
     `platform` gives the device and the slots: `n_procs` GPUs, or `n_procs` CPU processes
     (default: every visible GPU, else one process). Results come back in grid order, each
     with its parameters and its value or `WorkerError`; failures do not stop other points.
+    `log_dir` keeps finished points (private files, JSON records) for a rerun to skip; a file
+    there that another user could have written raises `UntrustedFileError` before any point runs.
 
     Example::
 
@@ -96,14 +159,22 @@ def sweep(
     platform = platform or Platform()
     points = grid_points(grid)
     results = [SweepResult(params=point) for point in points]
-    folder = Path(log_dir) / "points" if log_dir is not None else None
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
+    folder = None
+    finished: dict[int, bytes] = {}
+    if log_dir is not None:
+        # Every file is checked before any value is unpickled and before any point runs.
+        try:
+            folder = _points_folder(log_dir)
+            for index, point in enumerate(points):
+                saved = _read_finished(folder, _point_key(point))
+                if saved is not None:
+                    finished[index] = saved
+        except UntrustedFileError as error:
+            raise UntrustedFileError(f"sweep(log_dir={str(log_dir)!r}) was refused, no point ran: {error}") from error
     todo: queue.Queue[int] = queue.Queue()
-    for index, point in enumerate(points):
-        saved = folder / f"{_point_key(point)}.pkl" if folder is not None else None
-        if saved is not None and saved.exists():
-            results[index].value = cloudpickle.loads(saved.read_bytes())
+    for index in range(len(points)):
+        if index in finished:
+            results[index].value = cloudpickle.loads(finished[index])  # a file this user wrote
             results[index].skipped = True
         else:
             todo.put(index)
@@ -125,7 +196,7 @@ def sweep(
             else:
                 results[index].value = value
                 if folder is not None:
-                    (folder / f"{_point_key(point)}.pkl").write_bytes(cloudpickle.dumps(value))
+                    _write_finished(folder, _point_key(point), point, value)
             with lock:
                 if bar is not None:
                     bar.update()

@@ -193,3 +193,15 @@ def test_cuda_moves_to_the_gpu_or_is_refused_clearly_without_one():
             ctx.cuda()
         return
     assert next(ctx.cuda().model.parameters()).is_cuda
+
+
+def test_save_checkpoint_never_writes_through_a_link_planted_where_its_temporary_goes(tmp_path):
+    """Someone who can write the folder links the old, predictable temporary name to a file of yours."""
+    import os
+
+    yours = tmp_path / "yours.txt"
+    yours.write_text("keep me")
+    (tmp_path / f".checkpoint-1.pt.tmp-{os.getpid()}").symlink_to(yours)
+    path = pystematic.save_checkpoint({"weights": torch.ones(2)}, id=1, directory=tmp_path)
+    assert yours.read_text() == "keep me"
+    assert torch.equal(pystematic.load_checkpoint(path)["weights"], torch.ones(2))

@@ -29,6 +29,7 @@ from typing import Any
 import torch as _torch
 
 import phalanx as px
+from phalanx.context import write_atomically
 
 __all__ = [
     "Context",
@@ -89,20 +90,14 @@ def save_checkpoint(state_dict: dict[str, Any], id: Any, directory: str | os.Pat
     """Write `state_dict` to `<output_dir>/checkpoint-<id>.pt`, from the master only; returns the path.
 
     Every rank may call it; only the master writes. The file is written under a temporary
-    name and renamed, so a crash mid-save leaves no half file. `directory` overrides
+    name (created exclusively, so a planted link is never written through), flushed to disk
+    and renamed, so a crash mid-save leaves no half file. `directory` overrides
     `output_dir`.
     """
     folder = pathlib.Path(directory if directory is not None else output_dir)
     path = folder / f"checkpoint-{id}.pt"
     if px.is_master():
-        folder.mkdir(parents=True, exist_ok=True)
-        temporary = folder / f".{path.name}.tmp-{os.getpid()}"
-        try:
-            _torch.save(state_dict, temporary)
-            os.replace(temporary, path)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+        write_atomically(state_dict, path)  # Context.save's writer: O_EXCL|O_NOFOLLOW, fsync, rename
     return path
 
 
