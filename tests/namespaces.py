@@ -8,10 +8,13 @@ how a test gives a host a name service of its own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,3 +42,20 @@ def remove_host(name: str) -> None:
             pass
     subprocess.run(["ip", "netns", "del", name], capture_output=True)
     shutil.rmtree(ETC_NETNS / name, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def one_host(tag: str = "phx") -> Iterator[str]:
+    """A network namespace with loopback up: a machine whose ports are the test's alone."""
+    require_namespaces()
+    name = f"{tag}-{uuid.uuid4().hex[:6]}"
+    try:
+        ip("netns", "add", name)
+        ip("-n", name, "link", "set", "lo", "up")
+    except subprocess.CalledProcessError as error:
+        remove_host(name)
+        pytest.skip(f"cannot make a network namespace here: {error.stderr.strip()}")
+    try:
+        yield name
+    finally:
+        remove_host(name)

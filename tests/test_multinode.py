@@ -19,6 +19,7 @@ import phalanx as px
 from tests.namespaces import ip, remove_host, require_namespaces
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.cluster]
+SECRET = "ab" * 32  # every node of a job is given the same secret
 
 NODE = """
 import os, sys, phalanx as px
@@ -73,7 +74,7 @@ def _run_nodes(hosts, addresses, tmp_path, env=None):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, "PHALANX_JOB_SECRET": SECRET, **(env or {})},
         )
         for node, host in enumerate(hosts)
     ]

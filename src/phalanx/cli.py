@@ -3,6 +3,7 @@
 phalanx run --nproc-per-node 2 train.py --epochs 3
 phalanx run --device gpu -m mypackage.train
 phalanx env
+phalanx secret          # a new job secret, for PHALANX_JOB_SECRET on every node of one job
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from phalanx.job_secret import new_secret
 
 __all__ = ["add_platform_arguments", "main", "platform_from_args"]
 
@@ -190,7 +193,7 @@ def environment_report() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phalanx", description="Run a PyTorch script on N ranks, anywhere.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,env}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,env,secret}")
     run = commands.add_parser(
         "run",
         help="run a script or module on every rank",
@@ -204,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-m", dest="module", default=None, metavar="module", help="run a module as __main__")
     run.add_argument("script", nargs=argparse.REMAINDER, help="the script and its arguments")
     commands.add_parser("env", help="print versions, devices, backends and the detected cluster")
+    commands.add_parser(
+        "secret",
+        help="print a new job secret (64 hex digits) for PHALANX_JOB_SECRET",
+        description="Print a new job secret: give every process of one job the same one, e.g. "
+        "`export PHALANX_JOB_SECRET=$(phalanx secret)` before starting the nodes. Everything the job's store "
+        "carries is signed with it.",
+    )
     return parser
 
 
@@ -212,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "env":
         print(environment_report())
+        return 0
+    if args.command == "secret":
+        print(new_secret().hex())
         return 0
     return _run(args)
 

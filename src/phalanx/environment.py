@@ -7,10 +7,15 @@ under, or None. Adding a cluster means adding one class to `ENVIRONMENTS`.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import re
 import zlib
 from dataclasses import dataclass
+
+from phalanx.errors import LaunchError
+from phalanx.job_secret import secret_from_environment
 
 __all__ = [
     "ENVIRONMENTS",
@@ -20,11 +25,14 @@ __all__ = [
     "OpenMPI",
     "Slurm",
     "TorchElastic",
+    "check_place",
     "detect_environment",
     "expand_slurm_nodelist",
 ]
 
-_PORT_BASE, _PORT_SPAN = 20000, 20000  # ports derived from a job id fall in 20000-39999
+# Ports derived from a job id fall in 20000-31999: below Linux's ephemeral range (32768-60999),
+# where any outgoing connection (one in TIME_WAIT included) could hold the port rank 0 must bind.
+_PORT_BASE, _PORT_SPAN = 20000, 12000
 
 
 def _env(name: str, default: str | None = None) -> str:
@@ -34,9 +42,29 @@ def _env(name: str, default: str | None = None) -> str:
     return value
 
 
+def _int_env(name: str, default: str | None = None) -> int:
+    """A whole-number variable; a value that is not one is a `LaunchError` naming the variable."""
+    value = _env(name, default)
+    try:
+        return int(value)
+    except ValueError:
+        raise LaunchError(
+            f"{name}={value!r} is not a whole number. It is set by the launcher that started this process "
+            f"(or by hand): give it a number, or unset it."
+        ) from None
+
+
 def port_from_job_id(job_id: str) -> int:
-    """A port every process of a job derives alike, different for different jobs."""
-    return _PORT_BASE + zlib.crc32(job_id.encode()) % _PORT_SPAN
+    """A port every process of a job derives alike, different for different jobs.
+
+    With a job secret the port is keyed by it, so that someone who can read the queue (and
+    so the job id) cannot compute the port and take it first.
+    """
+    secret = secret_from_environment()
+    if secret is None:
+        return _PORT_BASE + zlib.crc32(job_id.encode()) % _PORT_SPAN
+    digest = hmac.new(secret, b"phalanx-port:" + job_id.encode(), hashlib.sha256).digest()
+    return _PORT_BASE + int.from_bytes(digest[:4], "big") % _PORT_SPAN
 
 
 class Environment:
@@ -44,6 +72,7 @@ class Environment:
 
     name = "environment"
     creates_processes_externally = True
+    place_variables: tuple[str, ...] = ()  # where the launcher states the place, for error messages
 
     @staticmethod
     def detect() -> bool:
@@ -87,31 +116,32 @@ class TorchElastic(Environment):
     """torchrun (torch.distributed.elastic): everything is in RANK, WORLD_SIZE, MASTER_ADDR, ..."""
 
     name = "torchrun"
+    place_variables = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
     @staticmethod
     def detect() -> bool:
         return "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ
 
     def world_size(self) -> int:
-        return int(_env("WORLD_SIZE"))
+        return _int_env("WORLD_SIZE")
 
     def global_rank(self) -> int:
-        return int(_env("RANK"))
+        return _int_env("RANK")
 
     def local_rank(self) -> int:
-        return int(_env("LOCAL_RANK"))
+        return _int_env("LOCAL_RANK")
 
     def local_world_size(self) -> int:
-        return int(_env("LOCAL_WORLD_SIZE"))
+        return _int_env("LOCAL_WORLD_SIZE")
 
     def node_rank(self) -> int:
-        return int(_env("GROUP_RANK", "0"))
+        return _int_env("GROUP_RANK", "0")
 
     def main_address(self) -> str:
         return _env("MASTER_ADDR")
 
     def main_port(self) -> int:
-        return int(_env("MASTER_PORT"))
+        return _int_env("MASTER_PORT")
 
     def hosts_store_externally(self) -> bool:
         # torchrun's agent serves a store on MASTER_PORT that the workers join as clients.
@@ -139,6 +169,7 @@ class Slurm(Environment):
     """A task of an `srun` step: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NODEID, ..."""
 
     name = "slurm"
+    place_variables = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_TASKS_PER_NODE")
 
     @staticmethod
     def detect() -> bool:
@@ -147,13 +178,13 @@ class Slurm(Environment):
         return "SLURM_PROCID" in os.environ and step is not None and step.isdigit()
 
     def world_size(self) -> int:
-        return int(_env("SLURM_NTASKS", _env("SLURM_STEP_NUM_TASKS", "1")))
+        return _int_env("SLURM_NTASKS", _env("SLURM_STEP_NUM_TASKS", "1"))
 
     def global_rank(self) -> int:
-        return int(_env("SLURM_PROCID"))
+        return _int_env("SLURM_PROCID")
 
     def local_rank(self) -> int:
-        return int(_env("SLURM_LOCALID", "0"))
+        return _int_env("SLURM_LOCALID", "0")
 
     def local_world_size(self) -> int:
         tasks = os.environ.get("SLURM_STEP_TASKS_PER_NODE", os.environ.get("SLURM_TASKS_PER_NODE", ""))
@@ -166,7 +197,7 @@ class Slurm(Environment):
         return counts[node] if node < len(counts) else self.world_size()
 
     def node_rank(self) -> int:
-        return int(_env("SLURM_NODEID", "0"))
+        return _int_env("SLURM_NODEID", "0")
 
     def main_address(self) -> str:
         if "MASTER_ADDR" in os.environ:
@@ -177,7 +208,7 @@ class Slurm(Environment):
 
     def main_port(self) -> int:
         if "MASTER_PORT" in os.environ:
-            return int(os.environ["MASTER_PORT"])
+            return _int_env("MASTER_PORT")
         return port_from_job_id(f"slurm-{_env('SLURM_JOB_ID', '0')}-{os.environ.get('SLURM_STEP_ID', '')}")
 
 
@@ -191,22 +222,28 @@ class OpenMPI(Environment):
     """A rank started by Open MPI's mpirun: OMPI_COMM_WORLD_RANK, _SIZE, _LOCAL_RANK, ..."""
 
     name = "openmpi"
+    place_variables = (
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+    )
 
     @staticmethod
     def detect() -> bool:
         return "OMPI_COMM_WORLD_RANK" in os.environ and "OMPI_COMM_WORLD_SIZE" in os.environ
 
     def world_size(self) -> int:
-        return int(_env("OMPI_COMM_WORLD_SIZE"))
+        return _int_env("OMPI_COMM_WORLD_SIZE")
 
     def global_rank(self) -> int:
-        return int(_env("OMPI_COMM_WORLD_RANK"))
+        return _int_env("OMPI_COMM_WORLD_RANK")
 
     def local_rank(self) -> int:
-        return int(_env("OMPI_COMM_WORLD_LOCAL_RANK", "0"))
+        return _int_env("OMPI_COMM_WORLD_LOCAL_RANK", "0")
 
     def local_world_size(self) -> int:
-        return int(_env("OMPI_COMM_WORLD_LOCAL_SIZE", str(self.world_size())))
+        return _int_env("OMPI_COMM_WORLD_LOCAL_SIZE", str(self.world_size()))
 
     def node_rank(self) -> int:
         # OMPI_COMM_WORLD_NODE_RANK is a rank among the processes of a node, not the node's
@@ -226,7 +263,7 @@ class OpenMPI(Environment):
 
     def main_port(self) -> int:
         if "MASTER_PORT" in os.environ:
-            return int(os.environ["MASTER_PORT"])
+            return _int_env("MASTER_PORT")
         job = os.environ.get("OMPI_MCA_ess_base_jobid", os.environ.get("OMPI_MCA_orte_hnp_uri", "0")).split(";")[0]
         return port_from_job_id(f"openmpi-{job}")
 
@@ -235,22 +272,23 @@ class MPICH(Environment):
     """A rank started by MPICH's or Intel MPI's mpiexec (hydra): PMI_RANK, PMI_SIZE, MPI_LOCALRANKID."""
 
     name = "mpich"
+    place_variables = ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS")
 
     @staticmethod
     def detect() -> bool:
         return "PMI_RANK" in os.environ and "PMI_SIZE" in os.environ and not OpenMPI.detect()
 
     def world_size(self) -> int:
-        return int(_env("PMI_SIZE"))
+        return _int_env("PMI_SIZE")
 
     def global_rank(self) -> int:
-        return int(_env("PMI_RANK"))
+        return _int_env("PMI_RANK")
 
     def local_rank(self) -> int:
-        return int(_env("MPI_LOCALRANKID", "0"))
+        return _int_env("MPI_LOCALRANKID", "0")
 
     def local_world_size(self) -> int:
-        return int(_env("MPI_LOCALNRANKS", str(self.world_size())))
+        return _int_env("MPI_LOCALNRANKS", str(self.world_size()))
 
     def node_rank(self) -> int:
         return self.global_rank() // max(1, self.local_world_size())  # hydra places ranks in blocks
@@ -267,7 +305,7 @@ class MPICH(Environment):
 
     def main_port(self) -> int:
         if "MASTER_PORT" in os.environ:
-            return int(os.environ["MASTER_PORT"])
+            return _int_env("MASTER_PORT")
         return port_from_job_id(f"mpich-{os.environ.get('PMI_KVSNAME', os.environ.get('PMI_PORT', '0'))}")
 
 
@@ -312,6 +350,28 @@ class Explicit(Environment):
 
 
 ENVIRONMENTS: tuple[type[Environment], ...] = (TorchElastic, Slurm, OpenMPI, MPICH)
+
+
+def check_place(environment: Environment) -> None:
+    """Refuse, at once, a place that cannot be: a rank outside the world, or a bad count.
+
+    Otherwise such a rank would wait on the store until the timeout for peers that never come.
+    """
+    rank, world_size = environment.global_rank(), environment.world_size()
+    local_rank, local_world_size = environment.local_rank(), environment.local_world_size()
+    where = f"under {environment.name} ({', '.join(environment.place_variables)})"
+    if world_size < 1:
+        raise LaunchError(f"world size {world_size} {where}: a job needs at least one rank")
+    if not 0 <= rank < world_size:
+        raise LaunchError(
+            f"rank {rank} is outside world size {world_size} {where}: ranks go from 0 to {world_size - 1}. "
+            "Fix the variables: every process of the job needs the same world size and a rank of its own."
+        )
+    if not 0 <= local_rank < max(local_world_size, 1) or local_world_size > world_size:
+        raise LaunchError(
+            f"local rank {local_rank} of {local_world_size} on this node does not fit world size {world_size} "
+            f"{where}. Fix the variables."
+        )
 
 
 def detect_environment() -> Environment | None:

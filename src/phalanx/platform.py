@@ -8,6 +8,7 @@ the runners only ever see resolved platforms.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -127,6 +128,7 @@ class Platform:
     log_dir: str = "phalanx_logs"
     console_logs: bool = True
     rank_prefix: bool = True
+    connect_timeout: float | timedelta = 30.0
 
     def __post_init__(self) -> None:
         self._validate_device()
@@ -245,12 +247,24 @@ class Platform:
                 "Leave backend unset to take the device's default.",
             )
 
+    def _validate_seconds(self, name: str, optional: bool) -> None:
+        value = getattr(self, name)
+        if value is None and optional:
+            return
+        seconds = value.total_seconds() if isinstance(value, timedelta) else value
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+            raise PlatformError(name, value, "it must be a positive number of seconds, or a timedelta")
+        if not math.isfinite(seconds):
+            raise PlatformError(
+                name,
+                value,
+                "it must be a finite number of seconds: every wait in phalanx ends in an error that names it",
+                f"For a very long job give a large bound, such as {name}=7 * 24 * 3600 (a week).",
+            )
+
     def _validate_misc(self) -> None:
-        timeout = self.timeout
-        if timeout is not None:
-            seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
-            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
-                raise PlatformError("timeout", timeout, "it must be a positive number of seconds, or a timedelta")
+        self._validate_seconds("timeout", optional=True)
+        self._validate_seconds("connect_timeout", optional=False)
         if self.seed is not None and not _is_count(self.seed):
             raise PlatformError("seed", self.seed, "it must be a whole number or None")
         for name in ("requeue", "console_logs", "rank_prefix"):
@@ -292,6 +306,13 @@ class Platform:
         if isinstance(self.timeout, timedelta):
             return self.timeout
         return timedelta(seconds=self.timeout)
+
+    @property
+    def connect_timeout_delta(self) -> timedelta:
+        """How long a rank tries to reach the job's store before it gives up with a `LaunchError`."""
+        if isinstance(self.connect_timeout, timedelta):
+            return self.connect_timeout
+        return timedelta(seconds=self.connect_timeout)
 
     @property
     def world_size(self) -> int:

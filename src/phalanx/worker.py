@@ -75,7 +75,13 @@ def rank_session(job: dict[str, Any], rank: int, local_rank: int, store: dist.St
             if interface is not None:  # ranks on other hosts must reach this one
                 os.environ["GLOO_SOCKET_IFNAME"] = interface
         if store is None:
-            store = connect_store(job["master_addr"], job["master_port"], timeout)
+            store = connect_store(
+                job["master_addr"],
+                job["master_port"],
+                timeout,
+                job["secret"],
+                connect_timeout=timedelta(seconds=job["connect_timeout"]),
+            )
         dist.init_process_group(job["backend"], store=store, rank=rank, world_size=job["world_size"], timeout=timeout)
         rank_state._enter_rank(device, local_rank, job["local_world_size"], job["node_rank"])
         if job.get("seed") is not None:
@@ -107,7 +113,7 @@ def _user_traceback(error: BaseException) -> str:
 
 
 def failure_record(rank: int, error: BaseException, during: str = "run") -> dict[str, Any]:
-    """A failure as plain values, with the exception itself when it can be pickled.
+    """A failure as plain values (JSON can carry it: records cross stores and files unpickled).
 
     `during` is "setup" for a rank that failed before the function started (it could not
     unpickle the call or join the group), "run" for a failure of the function itself.
@@ -120,8 +126,6 @@ def failure_record(rank: int, error: BaseException, during: str = "run") -> dict
         "traceback": _user_traceback(error),
         "time": time.time(),
     }
-    with contextlib.suppress(Exception):
-        record["exception"] = cloudpickle.dumps(error)
     return record
 
 

@@ -14,23 +14,45 @@ use exec instead.
 Protocol. The caller holds one end of a control socket; EOF on it (the caller exited or was
 killed) makes the zygote kill every worker and exit. For each launch the caller sends, over the
 control socket, a header, the pickled call and descriptors: the zygote's end of a new job
-socket plus, for each rank, the write ends of its result, stdout and stderr pipes. The zygote
-forks one worker per rank and reports on the job socket `{"pids": [...]}`, then one
-`{"exit": pid, "status": wait_status, "time": when_reaped}` per worker. The caller may send `{"signal": n}` on the
-job socket to signal every live worker of the job; EOF on it kills them.
+socket plus, for each rank, the write ends of its result, stdout and stderr pipes, in that
+order. One SCM_RIGHTS message carries at most 253 descriptors, so they travel in batches of at
+most `_MAX_FDS`, in this order on the stream:
+
+    8-byte length of the header        with batch 1 (the job socket first)
+    the header (pickled dict)          its "descriptor_batches" lists every batch's size
+    one byte b"+"                      with batch 2, 3, ... (one such message per further batch)
+    the payload ("payload_size" bytes)
+
+The zygote forks one worker per rank and reports on the job socket `{"pids": [...]}`, then one
+`{"exit": pid, "status": wait_status, "time": when_reaped}` per worker. If it cannot start the
+job (a fork fails, descriptors were lost on the way), it reports `{"error": message}` instead of
+the pids, and closes the job socket. The caller may send `{"signal": n}` on the job socket to
+signal every live worker of the job; EOF on it kills them.
+
+Descriptors. A zygote taken by fork holds copies of every descriptor the caller had open at
+`import phalanx` (a log file that `logging.basicConfig(filename=...)` opened, pytest's handlers),
+and its workers inherit the Python objects that use them. So that such a number is never
+re-used by something else inside a rank (a log line landing in the rank's own data file),
+the zygote keeps each inherited descriptor number taken: a regular file stays open, as it would
+in a forked child (a rank's log lines reach that file; O_APPEND stays); anything else (socket,
+pipe, tty, directory, device) is replaced by /dev/null, so the zygote holds no pipe open against
+its reader's EOF, nor a listening port bound, and what a rank writes there is dropped.
 """
 
 from __future__ import annotations
 
 import atexit
 import dataclasses
+import errno
 import functools
 import gc
 import importlib
 import os
+import resource
 import selectors
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -40,13 +62,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from phalanx.channel import FrameReader, decode, encode, recv_exactly, write_frame
+from phalanx.errors import LaunchError
 
-__all__ = ["Zygote", "get_zygote", "helper_pids", "prestart"]
+__all__ = ["Zygote", "check_limits", "get_zygote", "helper_pids", "prestart"]
 
 _ROLE_VARIABLE = "PHALANX_ROLE"  # "zygote" or "worker" inside phalanx's own processes
 _DISABLE_VARIABLE = "PHALANX_FORK_ZYGOTE"  # "0": never fork the caller, always exec a zygote
 _FDS_PER_RANK = 3
-_MAX_FDS = 250  # SCM_RIGHTS limit per message is 253
+_MAX_FDS = 250  # descriptors per message: the kernel's SCM_RIGHTS limit is 253
+_SEND_TIMEOUT_SECONDS = 60.0  # for the zygote to take a whole request off the control socket
+# While the ranks start, the caller holds per rank 3 read ends and 3 write ends (until sent);
+# then, besides the pipes, the store's connection from that rank. Plus the job's own few.
+_CALLER_FDS_PER_RANK = 6
+_CALLER_FDS_PER_JOB = 16
 
 _lock = threading.Lock()
 _zygote: Zygote | None = None
@@ -79,6 +107,93 @@ def _set_parent_death_signal(signum: int) -> None:
     _prctl()(pr_set_pdeathsig, signum, 0, 0, 0)
 
 
+def _open_descriptor_count() -> int | None:
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(folder)) - 1  # less the listing's own
+        except OSError:
+            continue
+    return None
+
+
+def _process_limit_applies() -> bool:
+    """The kernel does not hold root to RLIMIT_NPROC (it counts by real user id)."""
+    return os.getuid() != 0
+
+
+def _tasks_running() -> int | None:
+    """Processes and threads of the whole machine, from one small read (Linux), or None."""
+    try:
+        with open("/proc/loadavg") as file:
+            return int(file.read().split()[3].split("/")[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _tasks_of_user(uid: int) -> int:
+    """Processes and threads of `uid`, as RLIMIT_NPROC counts them (Linux)."""
+    count = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid == uid:
+                count += max(1, os.stat(f"/proc/{entry.name}/task").st_nlink - 2)  # 2 + one link a thread
+        except OSError:  # it ended meanwhile
+            continue
+    return count
+
+
+def check_limits(n_ranks: int) -> None:
+    """Refuse, before anything starts, `n_ranks` new processes that this user's limits would stop halfway.
+
+    Raises `LaunchError` naming the limit, its value and the fix when the descriptors the caller
+    holds while the ranks start (`_CALLER_FDS_PER_RANK` a rank, plus those open now) or the
+    processes (RLIMIT_NPROC, less the processes and threads this user runs now) would not fit.
+    """
+    if n_ranks <= 0:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    open_now = _open_descriptor_count()
+    if soft != resource.RLIM_INFINITY and open_now is not None:
+        needed = open_now + _CALLER_FDS_PER_JOB + _CALLER_FDS_PER_RANK * n_ranks
+        if needed > soft:
+            fit = max(0, (soft - open_now - _CALLER_FDS_PER_JOB) // _CALLER_FDS_PER_RANK)
+            raise LaunchError(
+                f"cannot start {n_ranks} rank processes: this process would need about {needed} file "
+                f"descriptors while they start ({_CALLER_FDS_PER_RANK} a rank, {open_now} open now), more than "
+                f"its limit of {soft} (RLIMIT_NOFILE, hard limit {_limit_text(hard)}). Raise it with "
+                f"`ulimit -n {_suggested(needed, hard)}` in the shell that starts Python (or "
+                "resource.setrlimit(resource.RLIMIT_NOFILE, ...) before the launch), or use fewer "
+                f"n_procs (about {fit} fit)."
+            )
+    soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+    if soft == resource.RLIM_INFINITY or not _process_limit_applies():
+        return
+    running = _tasks_running()
+    if running is None:
+        running = 0  # no cheap count here: the limit alone
+    elif running + n_ranks > soft:  # the machine's count is an upper bound; count this user's
+        running = _tasks_of_user(os.getuid())
+    if running + n_ranks > soft:
+        raise LaunchError(
+            f"cannot start {n_ranks} rank processes: this user runs {running} processes and threads "
+            f"already, and may run at most {soft} (RLIMIT_NPROC, hard limit {_limit_text(hard)}). Raise it "
+            f"with `ulimit -u {_suggested(running + n_ranks, hard)}` in the shell that starts Python, or use "
+            f"fewer n_procs (at most {max(0, soft - running)} fit)."
+        )
+
+
+def _limit_text(value: int) -> str:
+    return "unlimited" if value == resource.RLIM_INFINITY else str(value)
+
+
+def _suggested(needed: int, hard: int) -> str:
+    """A round value above `needed` for the message, or `hard` when that is lower (and finite)."""
+    value = 1 << max(10, (needed - 1).bit_length())
+    return str(value if hard == resource.RLIM_INFINITY else min(value, hard))
+
+
 @dataclass
 class Zygote:
     """The caller's handle on its zygote."""
@@ -103,19 +218,37 @@ class Zygote:
             return False
         return pid == 0
 
+    def usable(self) -> bool:
+        """False once a request was cut off midway: the zygote would read a garbled stream."""
+        return self.control.fileno() != -1
+
     def spawn(self, header: dict[str, Any], payload: bytes, fds: list[int]) -> socket.socket:
-        """Ask for one worker per rank in `header["ranks"]`; returns the job socket (caller's end)."""
-        if len(fds) + 1 > _MAX_FDS:
-            raise ValueError(f"too many ranks for one zygote message ({len(fds) // _FDS_PER_RANK})")
+        """Ask for one worker per rank in `header["ranks"]`; returns the job socket (caller's end).
+
+        `fds` are the ranks' pipe ends, 3 a rank; any number of them (see the protocol above).
+        An error that leaves a request cut off midway (the zygote stopped reading, the sender
+        was interrupted), or that says the zygote is gone, also closes the control socket,
+        which makes a live zygote stop every worker and exit: `usable()` is False from then on.
+        """
         ours, theirs = socket.socketpair()
+        descriptors = [theirs.fileno(), *fds]
+        batches = [descriptors[start : start + _MAX_FDS] for start in range(0, len(descriptors), _MAX_FDS)]
+        started = False
         try:
-            message = encode(dict(header, payload_size=len(payload)))
+            message = encode(dict(header, payload_size=len(payload), descriptor_batches=[len(b) for b in batches]))
             with self.send_lock:
-                socket.send_fds(self.control, [len(message).to_bytes(8, "big")], [theirs.fileno(), *fds])
+                if self.control.gettimeout() is None:
+                    self.control.settimeout(_SEND_TIMEOUT_SECONDS)
+                socket.send_fds(self.control, [len(message).to_bytes(8, "big")], batches[0])
+                started = True
                 self.control.sendall(message)
+                for batch in batches[1:]:
+                    socket.send_fds(self.control, [b"+"], batch)
                 self.control.sendall(payload)
-        except BaseException:
+        except BaseException as error:
             ours.close()
+            if started or isinstance(error, (BrokenPipeError, ConnectionResetError)):
+                self.control.close()
             raise
         finally:
             theirs.close()
@@ -202,6 +335,9 @@ def get_zygote() -> Zygote:
     """The caller's zygote, started now if there is none or the last one died."""
     global _zygote
     with _lock:
+        if _zygote is not None and not _zygote.usable():
+            _zygote.close()  # it saw EOF: it stops its workers and exits
+            _zygote = None
         if _zygote is not None and not _zygote.alive():
             _zygote.control.close()
             _zygote = None
@@ -292,12 +428,17 @@ def _serve_after_exec() -> None:
         os._exit(0)  # no interpreter shutdown: its finalizers print noise after the caller is gone
 
 
+def _open_descriptors() -> list[int]:
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return sorted(int(name) for name in os.listdir(folder))
+        except OSError:
+            continue
+    return list(range(3, 256))
+
+
 def _close_other_descriptors(keep: set[int]) -> None:
-    try:
-        open_fds = [int(name) for name in os.listdir("/proc/self/fd")]
-    except OSError:
-        open_fds = list(range(3, 256))
-    for fd in open_fds:
+    for fd in _open_descriptors():
         if fd > 2 and fd not in keep:
             try:
                 os.close(fd)
@@ -305,15 +446,63 @@ def _close_other_descriptors(keep: set[int]) -> None:
                 pass
 
 
-def _receive_job(control: socket.socket) -> tuple[dict[str, Any], bytes, list[int]] | None:
-    data, fds, _, _ = socket.recv_fds(control, 8, _MAX_FDS)
+def _is_regular_file(fd: int) -> bool:
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+    except OSError:
+        return False
+    try:  # eventfd, epoll, timerfd...: no file, whatever mode this kernel gives them
+        return not os.readlink(f"/proc/self/fd/{fd}").startswith("anon_inode:")
+    except OSError:
+        return True
+
+
+def _hold_inherited_descriptors(keep: set[int]) -> set[int]:
+    """Keep every number above 2 the caller left open (but `keep`) taken; returns those numbers.
+
+    Regular files stay open; every other descriptor is replaced by /dev/null (see the module's
+    docstring): the zygote must not hold a pipe or socket of the caller open.
+    """
+    null = os.open(os.devnull, os.O_RDWR)  # before the listing, so that its number is no inherited one
+    held = set()
+    try:
+        for fd in _open_descriptors():
+            if fd <= 2 or fd == null or fd in keep:
+                continue
+            try:
+                inheritable = os.get_inheritable(fd)
+            except OSError:  # the listing's own descriptor, closed by now
+                continue
+            held.add(fd)
+            if not _is_regular_file(fd):
+                os.dup2(null, fd, inheritable=inheritable)
+    finally:
+        os.close(null)
+    return held
+
+
+def _receive_job(control: socket.socket) -> tuple[dict[str, Any], bytes, list[int], bool] | None:
+    """The next job: its header, payload, descriptors, and whether some descriptors were lost."""
+    data, fds, flags, _ = socket.recv_fds(control, 8, _MAX_FDS)
     if not data:
+        for fd in fds:
+            os.close(fd)
         return None
+    lost = bool(flags & socket.MSG_CTRUNC)  # no room for them here (RLIMIT_NOFILE)
     while len(data) < 8:
         data += recv_exactly(control, 8 - len(data))
     header = decode(recv_exactly(control, int.from_bytes(data, "big")))
+    batches = header.get("descriptor_batches", [len(fds)])
+    lost |= len(fds) < batches[0]
+    for size in batches[1:]:
+        marker, more, flags, _ = socket.recv_fds(control, 1, _MAX_FDS)
+        if not marker:
+            raise EOFError("the caller closed the control socket mid-request")
+        fds += more
+        lost |= bool(flags & socket.MSG_CTRUNC) or len(more) < size
     payload = recv_exactly(control, header["payload_size"])
-    return header, payload, list(fds)
+    return header, payload, list(fds), lost
 
 
 # Modules that DDP, the optimizers and torch.compile import on first use: about 2.5 s of
@@ -337,11 +526,34 @@ def _import_all(names: tuple[str, ...]) -> None:
     gc.freeze()
 
 
+def _caller_gave_up(job_socket: socket.socket) -> bool:
+    """True if the caller closed its end of the job socket already (its next read is EOF)."""
+    try:
+        return job_socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except OSError:  # nothing to read: still there
+        return False
+
+
+def _fork_refusal(rank: int, index: int, count: int, error: OSError) -> str:
+    message = f"the zygote process could not fork rank {rank} ({index} of {count} ranks had started): {error}."
+    if error.errno == errno.EAGAIN:
+        limit = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+        message += (
+            f" This user's process limit (RLIMIT_NPROC: {_limit_text(limit)}, threads count too) or the "
+            "machine's (kernel.pid_max, kernel.threads-max, a cgroup's pids.max) is reached: raise it "
+            "(`ulimit -u`) or use fewer n_procs."
+        )
+    elif error.errno == errno.ENOMEM:
+        message += " The machine has no memory left for another process: use fewer n_procs."
+    return message
+
+
 class _Server:
     """The zygote's event loop: jobs in, workers out, exits reported."""
 
-    def __init__(self, control_fd: int) -> None:
+    def __init__(self, control_fd: int, inherited: frozenset[int] = frozenset()) -> None:
         self.control = socket.socket(fileno=control_fd)
+        self.inherited = inherited  # the caller's descriptor numbers, held for the workers
         self.selector = selectors.DefaultSelector()
         self.wakeup_read, wakeup_write = os.pipe()
         os.set_blocking(wakeup_write, False)
@@ -378,13 +590,30 @@ class _Server:
             return False
         if job is None:
             return False
-        header, payload, fds = job
+        header, payload, fds, lost = job
+        if not fds:  # not even the job socket came: its loss tells the caller
+            return True
         job_socket = socket.socket(fileno=fds[0])
         rank_fds = fds[1:]
-        pids = []
-        for index, rank_spec in enumerate(header["ranks"]):
+        ranks = header["ranks"]
+        pids: list[int] = []
+        refusal = None
+        if lost or len(rank_fds) != _FDS_PER_RANK * len(ranks):
+            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            refusal = (
+                f"the zygote process received {len(rank_fds)} of the {_FDS_PER_RANK * len(ranks)} pipe ends of "
+                f"{len(ranks)} ranks: it has no room for more descriptors (RLIMIT_NOFILE: {_limit_text(limit)}). "
+                "Raise the limit with `ulimit -n` before starting Python, or use fewer n_procs."
+            )
+        elif _caller_gave_up(job_socket):
+            ranks = []  # Ctrl-C, a store that failed to start: no worker to fork for it
+        for index, rank_spec in enumerate([] if refusal else ranks):
             own = rank_fds[index * _FDS_PER_RANK : (index + 1) * _FDS_PER_RANK]
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as error:
+                refusal = _fork_refusal(rank_spec["rank"], index, len(ranks), error)
+                break
             if pid == 0:
                 self._become_worker(header, rank_spec, payload, own)
             pids.append(pid)
@@ -393,9 +622,12 @@ class _Server:
             os.close(fd)
         self.readers[job_socket] = FrameReader()
         self.selector.register(job_socket, selectors.EVENT_READ, "job")
+        delivered = True
         try:
-            write_frame(job_socket.fileno(), encode({"pids": pids}))
+            write_frame(job_socket.fileno(), encode({"error": refusal} if refusal else {"pids": pids}))
         except OSError:  # the caller gave the job up while it was being forked
+            delivered = False
+        if refusal or not delivered:
             self._kill(pids, signal.SIGKILL)
             self._forget(job_socket)
         return True
@@ -416,7 +648,7 @@ class _Server:
             os.dup2(err_fd, 2)
             null = os.open(os.devnull, os.O_RDONLY)
             os.dup2(null, 0)
-            _close_other_descriptors({result_fd})
+            _close_other_descriptors({result_fd, *self.inherited})
             os.environ[_ROLE_VARIABLE] = "worker"
             from phalanx.worker import run_rank
 
@@ -530,7 +762,7 @@ def _serve(control_fd: int, caller_pid: int) -> None:
     os.environ[_ROLE_VARIABLE] = "zygote"
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _close_other_descriptors({control_fd})
+    inherited = frozenset(_hold_inherited_descriptors({control_fd}))
     # Die with the caller even if a process the caller forked still holds the control socket.
     _set_parent_death_signal(signal.SIGKILL)
     atexit._clear()  # the caller's exit handlers are not ours to run
@@ -538,4 +770,4 @@ def _serve(control_fd: int, caller_pid: int) -> None:
     if os.getppid() != caller_pid:
         return
     gc.freeze()  # see _import_all
-    _Server(control_fd).run()
+    _Server(control_fd, inherited).run()

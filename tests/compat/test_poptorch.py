@@ -16,6 +16,7 @@ import torch
 
 import phalanx as px
 from phalanx.compat import poptorch
+from tests.namespaces import one_host
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 EXAMPLE = EXAMPLES / "poptorch_mpirun.py"
@@ -213,6 +214,36 @@ def test_processes_started_from_python_meet_through_their_configured_ids(tmp_pat
     found = _summaries(result.stdout)
     assert sorted(found) == [0, 1], result.stdout
     assert not set(found[0][2]) & set(found[1][2]) and len(found[0][2]) == len(found[1][2]) == 128
+    assert found[0][1] == found[1][1]
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+def test_processes_started_from_two_terminals_meet_on_the_default_port(tmp_path):
+    """Two shells, two parents, no MASTER_PORT: both meet at 127.0.0.1:29500 (a namespace of their own)."""
+    script = tmp_path / "terminal.py"
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {str(EXAMPLES)!r})\n"
+        "from poptorch_mpirun import process\nprocess(int(sys.argv[1]), 2)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key not in ("MASTER_ADDR", "MASTER_PORT")}
+    with one_host("phx-terminals") as host:
+        terminals = [
+            subprocess.Popen(
+                ["ip", "netns", "exec", host, "bash", "-c", f"{sys.executable} {script} {process_id}; exit $?"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=tmp_path,
+                env=env,
+            )
+            for process_id in (0, 1)
+        ]
+        outputs = [terminal.communicate(timeout=100) for terminal in terminals]
+    for terminal, (out, err) in zip(terminals, outputs, strict=True):
+        assert terminal.returncode == 0, out + err
+    found = _summaries(outputs[0][0] + outputs[1][0])
+    assert sorted(found) == [0, 1], outputs
     assert found[0][1] == found[1][1]
 
 

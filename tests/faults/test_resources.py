@@ -113,7 +113,7 @@ def test_a_store_that_fails_to_start_stops_the_workers_already_forking(monkeypat
 
     serving = zygote.get_zygote().pid
 
-    def fail_to_start(listener, timeout):
+    def fail_to_start(listener, timeout, secret):
         raise RuntimeError("the store did not start, on purpose")
 
     monkeypatch.setattr(StoreListener, "host", fail_to_start)  # the zygote is forking the ranks meanwhile

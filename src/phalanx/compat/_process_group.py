@@ -11,6 +11,8 @@ Who started the process decides how the ranks meet, always through `px.launch`:
 - under mpirun, srun or torchrun: phalanx joins the launcher's processes;
 - started by hand (a `multiprocessing` loop, two terminals): the place is written into the
   variables of torch's env:// convention, as torchrun writes them, and phalanx joins those.
+  Without MASTER_ADDR/MASTER_PORT they meet at 127.0.0.1:29500 (torchrun's default port);
+  a rank whose rank 0 never shows up there fails within `Platform.connect_timeout`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import os
 import sys
 import threading
 import weakref
-import zlib
 from collections.abc import Callable
 
 import phalanx as px
@@ -33,7 +34,10 @@ __all__ = ["before_leaving", "join"]
 # that failed without the interpreter noticing (multiprocessing catches its exception) must
 # not wait for peers stuck in another collective; leaving without them is harmless.
 _EXIT_WAIT_SECONDS = 30.0
-_PORT_BASE, _PORT_SPAN = 20000, 20000
+# Where processes started by hand meet when MASTER_PORT is not set: torchrun's default port,
+# the same in every terminal (a port derived from the parent process would differ between
+# two terminals, and each process would wait for the other at its own port).
+DEFAULT_MASTER_PORT = 29500
 
 
 class _HeldLaunch:
@@ -84,11 +88,6 @@ def before_leaving(method: Callable[[], None]) -> None:
     _leaving.append(weakref.WeakMethod(method))
 
 
-def _shared_port() -> int:
-    """A port that processes started by one parent derive alike (one parent, one job)."""
-    return _PORT_BASE + zlib.crc32(f"phalanx-compat-{os.getppid()}".encode()) % _PORT_SPAN
-
-
 def _write_place(rank: int, world_size: int) -> None:
     """torch's env:// variables, as torchrun sets them; MASTER_ADDR/MASTER_PORT win if given."""
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
@@ -99,7 +98,7 @@ def _write_place(rank: int, world_size: int) -> None:
         LOCAL_WORLD_SIZE=str(local_world_size),
         GROUP_RANK=str(rank // local_world_size),
         MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-        MASTER_PORT=os.environ.get("MASTER_PORT", str(_shared_port())),
+        MASTER_PORT=os.environ.get("MASTER_PORT", str(DEFAULT_MASTER_PORT)),
         TORCHELASTIC_RUN_ID=os.environ.get("TORCHELASTIC_RUN_ID", "phalanx-compat"),
     )
 

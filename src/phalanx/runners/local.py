@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import errno
 import fcntl
 import os
 import selectors
@@ -29,14 +30,14 @@ from phalanx.channel import FrameReader, decode, dumps_call, dumps_value, encode
 from phalanx.dist import call_rank_function
 from phalanx.errors import HangError, LaunchError, RankFailure, WorkerError
 from phalanx.hangs import collective_in, hang_verdict, innermost_frame, looks_like_timeout, trim_dump
+from phalanx.job_secret import HOW_TO_SET, new_secret, secret_from_environment
 from phalanx.output import RankOutput
 from phalanx.platform import Platform
 from phalanx.rendezvous import StoreListener, connect_store, host_store, interface_towards
 from phalanx.runners.nodes import NodeGroup
 from phalanx.shared_tensors import launch_prefix, remove_shared_files
 from phalanx.worker import failure_record, rank_session
-from phalanx.zygote import get_zygote
-from phalanx.zygote import shutdown as shutdown_zygote
+from phalanx.zygote import check_limits, get_zygote
 
 __all__ = ["STOP_GRACE_SECONDS", "run_local"]
 
@@ -129,26 +130,48 @@ class LocalJob:
     # -- starting ---------------------------------------------------------------------------
 
     def start(self, payload: bytes, while_forking: Callable[[], None] | None = None) -> None:
-        """Have the zygote fork the workers; `while_forking` runs in the meantime (it starts the store)."""
+        """Have the zygote fork the workers; `while_forking` runs in the meantime (it starts the store).
+
+        Whatever fails on the way, the job's descriptors are closed and `done` is set (so that
+        `wait` returns) before the error is raised: a `LaunchError`, or `while_forking`'s own.
+        """
         write_ends: list[int] = []
         try:
-            for worker in self.workers:
-                worker.result_fd, result_write = os.pipe()
-                with contextlib.suppress(OSError):  # fewer wake-ups for a large value (1 MiB: the usual limit)
-                    fcntl.fcntl(result_write, fcntl.F_SETPIPE_SZ, 1 << 20)
-                out_read, out_write = os.pipe()
-                err_read, err_write = os.pipe()
-                worker.output_fds = {out_read: worker.stdout, err_read: worker.stderr}
-                self._owned_fds.update((worker.result_fd, out_read, err_read))
-                write_ends += [result_write, out_write, err_write]
-            first = self.job["node_rank"] * self.job["local_world_size"]
-            ranks = [{"rank": w.rank, "local_rank": w.rank - first} for w in self.workers]
-            header = {"job": self.job, "ranks": ranks}
-            self._job_socket = _spawn(header, payload, write_ends)
-        finally:
-            for fd in write_ends:
-                os.close(fd)
-        try:
+            check_limits(len(self.workers))  # refused before any process or pipe exists
+            try:
+                for worker in self.workers:
+                    # Each descriptor is owned the moment it exists: a pipe that fails (EMFILE)
+                    # halfway through a rank leaves nothing unclosed.
+                    worker.result_fd, result_write = os.pipe()
+                    self._owned_fds.add(worker.result_fd)
+                    write_ends.append(result_write)
+                    with contextlib.suppress(OSError):  # fewer wake-ups for a large value (1 MiB: the usual limit)
+                        fcntl.fcntl(result_write, fcntl.F_SETPIPE_SZ, 1 << 20)
+                    for output in (worker.stdout, worker.stderr):
+                        read_end, write_end = os.pipe()
+                        worker.output_fds[read_end] = output
+                        self._owned_fds.add(read_end)
+                        write_ends.append(write_end)
+                first = self.job["node_rank"] * self.job["local_world_size"]
+                ranks = [{"rank": w.rank, "local_rank": w.rank - first} for w in self.workers]
+                header = {"job": self.job, "ranks": ranks}
+                self._job_socket = _spawn(header, payload, write_ends)
+            except OSError as error:
+                if error.errno in (errno.EMFILE, errno.ENFILE):
+                    limit = "this process's (RLIMIT_NOFILE, `ulimit -n`)"
+                    if error.errno == errno.ENFILE:
+                        limit = "the machine's (fs.file-max)"
+                    raise LaunchError(
+                        f"cannot open the pipes of {len(self.workers)} ranks: {error}. The descriptor limit, "
+                        f"{limit}, is reached: raise it or use fewer n_procs."
+                    ) from error
+                raise LaunchError(
+                    f"could not hand the job to the zygote process: {error!r}; launch again "
+                    "(set PHALANX_FORK_ZYGOTE=0 if this keeps happening)"
+                ) from error
+            finally:
+                for fd in write_ends:
+                    os.close(fd)
             if while_forking is not None:
                 while_forking()
             self._watch()
@@ -162,14 +185,17 @@ class LocalJob:
         try:
             # The zygote's first message; exit reports of workers already done stay in the
             # socket for the monitor.
-            pids = decode(read_frame(self._job_socket))["pids"]
+            report = decode(read_frame(self._job_socket))
         except TimeoutError as error:
             raise LaunchError(
-                f"the zygote process did not start the workers within {_START_TIMEOUT_SECONDS:.0f} s; "
+                f"the zygote process did not start the workers within {_START_TIMEOUT_SECONDS:g} s; "
                 "launch again (set PHALANX_FORK_ZYGOTE=0 if this keeps happening)"
             ) from error
-        except EOFError as error:
+        except (EOFError, ConnectionError) as error:
             raise LaunchError("the zygote process died while starting the workers; launch again") from error
+        if "error" in report:  # it could not start them all (a fork failed): it stopped those it had
+            raise LaunchError(report["error"])
+        pids = report["pids"]
         self._job_socket.setblocking(False)
         self._job_reader = FrameReader()
         for worker, pid in zip(self.workers, pids, strict=True):
@@ -500,14 +526,18 @@ class LocalJob:
 
 def _spawn(header: dict[str, Any], payload: bytes, write_ends: list[int]):
     """Hand the job to the zygote; a zygote that died since the last launch is replaced once."""
+    zygote = get_zygote()
     try:
-        return get_zygote().spawn(header, payload, write_ends)
+        return zygote.spawn(header, payload, write_ends)
     except OSError:
-        shutdown_zygote()
+        if zygote.usable() and zygote.alive():
+            raise  # it failed before a byte was sent (no descriptor left): the zygote is fine
         return get_zygote().spawn(header, payload, write_ends)
 
 
-def _job_description(platform: Platform, port: int, caller_rank: int | None, gather: bool) -> dict[str, Any]:
+def _job_description(
+    platform: Platform, port: int, caller_rank: int | None, gather: bool, secret: bytes | None
+) -> dict[str, Any]:
     return {
         "world_size": platform.world_size,
         "local_world_size": platform.n_procs,
@@ -519,6 +549,10 @@ def _job_description(platform: Platform, port: int, caller_rank: int | None, gat
         # gloo's interface on this node (the ranks set GLOO_SOCKET_IFNAME to it), found once here
         "gloo_interface": interface_towards(platform.master_addr) if platform.backend == "gloo" else None,
         "timeout": platform.timeout_delta.total_seconds(),
+        "connect_timeout": platform.connect_timeout_delta.total_seconds(),
+        # the job secret: every value on the store is signed with it (the zygote's socket pair
+        # and the pipes it travels through belong to this user's processes alone)
+        "secret": secret,
         "n_cpus": platform.n_cpus,
         "seed": platform.seed,
         "caller_rank": caller_rank,
@@ -544,8 +578,15 @@ def _run_in_caller(fn, args, kwargs, job: dict, store, rank: int, local_job: Loc
                 _thread.interrupt_main()
 
     local_job._interrupt_caller = interrupt
+    session = contextlib.ExitStack()
     try:
-        with rank_session(job, rank, rank, store):
+        try:
+            session.enter_context(rank_session(job, rank, rank, store))
+        except Exception as error:  # joining failed, as a worker's set-up can: recorded the same way
+            if not local_job.failures:
+                local_job.fail(RankFailure.from_record(failure_record(rank, error, "setup")))
+            return None, False
+        with session:
             try:
                 local_job._caller_thread = threading.get_ident()
                 value = call_rank_function(fn, args, kwargs)
@@ -567,17 +608,37 @@ def _run_in_caller(fn, args, kwargs, job: dict, store, rank: int, local_job: Loc
         local_job._caller_thread = None
 
 
-def _job_store(platform: Platform) -> dist.Store:
+def _job_secret(platform: Platform) -> bytes:
+    """A fresh secret for a job on one machine; the one every node was given for several."""
+    if platform.n_nodes == 1:
+        return new_secret()
+    secret = secret_from_environment()
+    if secret is None:
+        raise LaunchError(
+            f"a job on {platform.n_nodes} nodes needs a job secret, the same on every node, to sign what its "
+            f"store carries: without one, anyone who can reach {platform.master_addr}:{platform.master_port} "
+            f"could run code in it. {HOW_TO_SET}"
+        )
+    return secret
+
+
+def _job_store(platform: Platform, secret: bytes) -> dist.Store:
     """Node 0's caller hosts the job's store; the callers of other nodes join it."""
     if platform.node_rank == 0:
-        return host_store(platform.master_addr, platform.master_port, platform.timeout_delta)
+        return host_store(platform.master_addr, platform.master_port, platform.timeout_delta, secret)
     try:
-        return connect_store(platform.master_addr, platform.master_port, platform.timeout_delta)
+        return connect_store(
+            platform.master_addr,
+            platform.master_port,
+            platform.timeout_delta,
+            secret,
+            connect_timeout=platform.connect_timeout_delta,
+        )
     except Exception as error:
         raise LaunchError(
             f"node {platform.node_rank} could not reach node 0's store at {platform.master_addr}:"
-            f"{platform.master_port} within {platform.timeout_delta}: {error}. Start node 0 with the same "
-            "master_addr and master_port, and check that this node can reach that address."
+            f"{platform.master_port} within connect_timeout={platform.connect_timeout_delta}: {error}. Start "
+            "node 0 with the same master_addr and master_port, and check that this node can reach that address."
         ) from error
 
 
@@ -602,29 +663,31 @@ def run_local(
     world_size = platform.world_size
     # On one node the store starts while the zygote forks the workers: its socket listens
     # first, and ranks that connect before the store runs wait in its backlog.
+    secret = _job_secret(platform)
     listener, store = None, None
     if platform.n_nodes == 1:
         listener = StoreListener(platform.master_addr, platform.master_port)
         port = listener.port
     else:
-        store = _job_store(platform)
-        port = store.port if platform.node_rank == 0 else platform.master_port
+        store = _job_store(platform, secret)
+        port = platform.master_port or store.port
 
     def start_store() -> None:
         nonlocal store
-        store = listener.host(platform.timeout_delta)
+        store = listener.host(platform.timeout_delta, secret)
 
-    job = _job_description(platform, port, caller_rank, gather)
+    job = _job_description(platform, port, caller_rank, gather, secret)
     job["environ"].update(environment or {})
     first = platform.node_rank * platform.n_procs
     worker_ranks = [rank for rank in range(first, first + platform.n_procs) if rank != caller_rank]
     local_job = LocalJob(job, worker_ranks, platform)
     nodes = None
     if platform.n_nodes > 1:
-        nodes = NodeGroup(store, platform, port)
+        nodes = NodeGroup(store, platform, port, secret)
         nodes.watch(lambda node: local_job.stop())
         local_job.on_failure = nodes.raise_flag
     caller_value: Any = None
+    exchanged = False
     try:
         try:
             try:
@@ -647,8 +710,10 @@ def run_local(
                 if caller_rank is not None and not failures:
                     values[caller_rank] = dumps_value(caller_value, f"the return value of rank {caller_rank}")
                 values, failures = nodes.exchange(values, failures)
-                nodes.close()
+                exchanged = True
         finally:
+            if nodes is not None:
+                nodes.close(exchanged)
             local_job.stop()
             local_job.wait()
             del store  # closes the listening socket: the port is free again

@@ -5,11 +5,16 @@ nodes and every worker join it. When a node's ranks fail, its caller raises a fl
 and every other caller stops its ranks at once. When all are done, each caller publishes its
 ranks' values and failures, and reads everyone else's, so every node returns the full list (or
 raises the same `WorkerError`). Node 0 keeps the store up until every node has read.
+
+Nothing on the store is unpickled unless it is signed with the job secret: a node's outcome
+is a JSON record (its failures and the ranks that returned), each return value is stored as
+signed bytes under its own key, and the abort flag is a signed node number.
 """
 
 from __future__ import annotations
 
-import pickle
+import dataclasses
+import json
 import threading
 from datetime import timedelta
 
@@ -23,6 +28,7 @@ __all__ = ["NodeGroup"]
 
 _ABORT = "phalanx/nodes/abort"
 _OUTCOME = "phalanx/nodes/outcome/{node}"
+_VALUE = "phalanx/nodes/value/{rank}"
 _READ = "phalanx/nodes/read/{node}"
 _FINISHED = b"finished"
 Values = dict[int, bytes]  # pickled return values by global rank
@@ -31,12 +37,14 @@ Values = dict[int, bytes]  # pickled return values by global rank
 class NodeGroup:
     """This node's view of the other nodes of a static multi-node job."""
 
-    def __init__(self, store: dist.Store, platform: Platform, port: int) -> None:
+    def __init__(self, store: dist.Store, platform: Platform, port: int, secret: bytes) -> None:
         self.store = store
+        self._secret = secret
         self.address, self.port = platform.master_addr, port
         self.node, self.n_nodes = platform.node_rank, platform.n_nodes
         self.timeout = platform.timeout_delta
         self._watcher: threading.Thread | None = None
+        self.intrusion: LaunchError | None = None  # a forged abort flag, raised by `exchange`
 
     def watch(self, on_other_node_failure) -> None:
         """Call `on_other_node_failure(node)` when another node raises the abort flag."""
@@ -44,9 +52,13 @@ class NodeGroup:
         def wait_for_flag() -> None:
             try:
                 # Its own connection: a blocking wait holds the connection it waits on.
-                watcher_store = connect_store(self.address, self.port, timedelta(days=365))
+                watcher_store = connect_store(self.address, self.port, timedelta(days=365), self._secret)
                 watcher_store.wait([_ABORT])
                 flag = watcher_store.get(_ABORT)
+            except LaunchError as error:  # a flag the job did not raise: stop; `exchange` names the intrusion
+                self.intrusion = error
+                on_other_node_failure(-1)
+                return
             except Exception:
                 return
             if flag != _FINISHED and int(flag) != self.node:
@@ -64,7 +76,12 @@ class NodeGroup:
 
     def exchange(self, values: Values, failures: list[RankFailure]) -> tuple[Values, list[RankFailure]]:
         """Publish this node's outcome; return every node's values and failures together."""
-        self.store.set(_OUTCOME.format(node=self.node), pickle.dumps((values, failures)))
+        for rank, value in values.items():
+            self.store.set(_VALUE.format(rank=rank), value)
+        outcome = {"returned": sorted(values), "failures": [dataclasses.asdict(failure) for failure in failures]}
+        self.store.set(_OUTCOME.format(node=self.node), json.dumps(outcome))
+        if self.intrusion is not None:  # published all the same: the other nodes must not wait for it
+            raise self.intrusion
         keys = [_OUTCOME.format(node=node) for node in range(self.n_nodes)]
         try:
             self.store.wait(keys, self.timeout)
@@ -76,16 +93,21 @@ class NodeGroup:
         all_values: Values = {}
         all_failures: list[RankFailure] = []
         for key in keys:
-            node_values, node_failures = pickle.loads(self.store.get(key))
-            all_values.update(node_values)
-            all_failures += node_failures
+            outcome = json.loads(self.store.get(key))  # signed: checked before it is parsed
+            all_failures += [RankFailure(**record) for record in outcome["failures"]]
+            for rank in outcome["returned"]:
+                all_values[int(rank)] = self.store.get(_VALUE.format(rank=rank))
         self.store.set(_READ.format(node=self.node), b"1")
         return all_values, all_failures
 
-    def close(self) -> None:
-        """Node 0 waits until every node has read the outcomes, then releases the watchers."""
+    def close(self, exchanged: bool) -> None:
+        """Release the watchers; after a full exchange, node 0 first waits until every node has read.
+
+        Also after a failed one: a watcher still blocked in the store when the interpreter exits
+        makes it abort.
+        """
         try:
-            if self.node == 0:
+            if self.node == 0 and exchanged:
                 self.store.wait([_READ.format(node=node) for node in range(self.n_nodes)], self.timeout)
             self.store.compare_set(_ABORT, "", _FINISHED)
         except Exception:
