@@ -293,3 +293,11 @@ def test_workers_done_before_the_caller_reads_their_pids_are_collected(monkeypat
 
     monkeypatch.setattr(local.LocalJob, "_watch", watch_once_every_worker_is_gone)
     assert px.launch(rank_and_arg, "x", platform=CPU) == [(0, "x"), (1, "x")]
+
+
+@pytest.mark.timeout(120)
+def test_many_ranks_whose_function_returns_at_once_all_meet_first(capsys):
+    """No rank may end while another still completes its connection to it (gloo's full mesh)."""
+    for _ in range(5):
+        assert px.launch(px.get_rank, platform=px.Platform(device="cpu", n_procs=24)) == list(range(24))
+    assert "lost each other while connecting" not in capsys.readouterr().err

@@ -252,10 +252,12 @@ def test_a_forged_failure_record_in_a_torchrun_job_runs_no_code_and_is_named(hos
 NODE = """
 import os, sys, time, phalanx as px
 
-node = int(sys.argv[1])
+node, attack = int(sys.argv[1]), sys.argv[2]
 
 def work():
-    if px.get_node_rank() == 1:  # node 1 finishes only once node 0 is done: its outcome comes last
+    if attack == "abort":
+        time.sleep(60)  # stands for training; the stranger's flag comes long before
+    elif px.get_node_rank() == 1:  # node 1 finishes only once node 0 is done: its outcome comes last
         deadline = time.monotonic() + 60
         while not os.path.exists("node0-done") and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -277,8 +279,8 @@ finally:
 @pytest.mark.timeout(120)
 def test_a_forged_node_outcome_runs_no_code_and_returns_no_value(host, tmp_path):
     env = {"PHALANX_JOB_SECRET": SECRET}
-    node0 = _start(host, tmp_path, "node", NODE, (0,), env)
-    node1 = _start(host, tmp_path, "node", NODE, (1,), env)
+    node0 = _start(host, tmp_path, "node", NODE, (0, "outcome"), env)
+    node1 = _start(host, tmp_path, "node", NODE, (1, "outcome"), env)
     stranger = _stranger(host, tmp_path, "phalanx/nodes/outcome/0", "phalanx/nodes/outcome/1")
     assert _finish(stranger)[0] == 0
     code, out, err = _finish(node0)
@@ -289,28 +291,11 @@ def test_a_forged_node_outcome_runs_no_code_and_returns_no_value(host, tmp_path)
     assert not (tmp_path / "marker").exists()
 
 
-STOPPED_NODE = """
-import sys, time, phalanx as px
-
-node = int(sys.argv[1])
-
-def work():
-    time.sleep(60)  # stands for training; the stranger's flag comes long before
-
-platform = px.Platform(device="cpu", n_procs=1, n_nodes=2, node_rank=node, master_port=29400, timeout=30)
-try:
-    print("values", px.launch(work, platform=platform), flush=True)
-except Exception as error:
-    print(f"node {node} {type(error).__name__}: {error}".splitlines()[0], flush=True)
-    sys.exit(3)
-"""
-
-
 @pytest.mark.cluster
 @pytest.mark.timeout(120)
 def test_a_forged_abort_flag_is_named_on_every_node(host, tmp_path):
     env = {"PHALANX_JOB_SECRET": SECRET}
-    nodes = [_start(host, tmp_path, "node", STOPPED_NODE, (node,), env) for node in (0, 1)]
+    nodes = [_start(host, tmp_path, "node", NODE, (node, "abort"), env) for node in (0, 1)]
     # The flag goes up once both nodes' ranks are in the job: rank 1 (node 1) has written its address.
     flag = _start(
         host,

@@ -59,6 +59,26 @@ def _select_device(device_type: str, local_rank: int) -> torch.device:
     return torch.device(device_type, index)
 
 
+_JOINED_COUNT = "phalanx/ranks-joined"
+_ALL_JOINED = "phalanx/all-ranks-joined"
+
+
+def _wait_for_every_rank(store: dist.Store, world_size: int) -> None:
+    """Return once every rank has its group: a rank must not end while others still connect to it.
+
+    gloo's full mesh is complete for one rank before it is for all: a rank whose function
+    returns at once could exit while a peer still finishes its handshake with it, and that peer
+    fails with "Connection closed by peer" (1 launch in 5 at 24 ranks here). One counter and one
+    flag on the store, a few hundred microseconds; bounded by the store's timeout.
+    """
+    if world_size == 1:
+        return
+    if store.add(_JOINED_COUNT, 1) == world_size:
+        store.set(_ALL_JOINED, b"1")
+    else:
+        store.wait([_ALL_JOINED])
+
+
 @contextlib.contextmanager
 def rank_session(job: dict[str, Any], rank: int, local_rank: int, store: dist.Store | None) -> Iterator[None]:
     """Be rank `rank` for the duration: environment, device, threads, seed, process group."""
@@ -83,6 +103,7 @@ def rank_session(job: dict[str, Any], rank: int, local_rank: int, store: dist.St
                 connect_timeout=timedelta(seconds=job["connect_timeout"]),
             )
         dist.init_process_group(job["backend"], store=store, rank=rank, world_size=job["world_size"], timeout=timeout)
+        _wait_for_every_rank(store, job["world_size"])
         rank_state._enter_rank(device, local_rank, job["local_world_size"], job["node_rank"])
         if job.get("seed") is not None:
             from phalanx.seeding import seed_everything
