@@ -61,8 +61,9 @@ class SignedStore(dist.Store):
         if len(mac) < _MAC_BYTES or not hmac.compare_digest(mac, self._signature(key, value)):
             raise LaunchError(
                 f"the store holds a value this job did not write (key {key!r}): another program is connected to "
-                f"MASTER_ADDR:MASTER_PORT ({self.where}). Nothing of it was used. Run the job on a port no one "
-                "else uses, and keep the job secret (PHALANX_JOB_SECRET) to the job's own processes."
+                f"MASTER_ADDR:MASTER_PORT ({self.where}), or a process of this job was given another job secret. "
+                "Nothing of it was used. Give every process the same PHALANX_JOB_SECRET, keep it to the job's "
+                "own processes, and run the job on a port no one else uses."
             )
         return value
 
