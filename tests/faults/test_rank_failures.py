@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -312,3 +313,37 @@ def test_caller_rank_environment_is_restored_when_another_rank_fails_after_it_re
         px.launch(_rank_one_fails_after_rank_zero_returned, platform=CPU, caller_rank=0)
     assert dict(os.environ) == before
     assert px.get_world_size() == 1 and px.get_rank() == 0
+
+
+def _fail_in_rank_1_else_compute():
+    if px.get_rank() == 1:
+        raise ValueError("worker broke")
+    while True:  # the caller's own rank, computing, never in a collective
+        sum(range(1000))
+
+
+def test_a_worker_that_fails_before_the_caller_rank_starts_its_function_still_stops_it(monkeypatch):
+    """The worker's failure lands while the caller rank is still setting up: nothing to interrupt yet."""
+    from phalanx.runners import local
+
+    recorded = threading.Event()
+    real_fail, real_session = local.LocalJob.fail, local.rank_session
+
+    def fail(job, failure):
+        real_fail(job, failure)
+        if failure in job.failures:  # not the monitor's batched first call
+            recorded.set()
+
+    @contextlib.contextmanager
+    def late_session(*args):
+        with real_session(*args):
+            assert recorded.wait(30), "rank 1 never failed"
+            yield
+
+    monkeypatch.setattr(local.LocalJob, "fail", fail)
+    monkeypatch.setattr(local, "rank_session", late_session)
+    start = time.monotonic()
+    with pytest.raises(px.WorkerError) as info:
+        px.launch(_fail_in_rank_1_else_compute, platform=CPU, caller_rank=0)
+    assert time.monotonic() - start < 20
+    assert info.value.rank == 1 and "worker broke" in str(info.value)

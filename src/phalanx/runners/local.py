@@ -588,7 +588,13 @@ def _run_in_caller(fn, args, kwargs, job: dict, store, rank: int, local_job: Loc
             return None, False
         with session:
             try:
-                local_job._caller_thread = threading.get_ident()
+                with local_job._lock:
+                    # A worker that failed before this point could not interrupt the caller
+                    # (there was nothing to interrupt yet): it must not start at all then.
+                    local_job._caller_thread = threading.get_ident()
+                    failed_already = bool(local_job.failures)
+                if failed_already:
+                    return None, False
                 value = call_rank_function(fn, args, kwargs)
                 with local_job._lock:
                     local_job._caller_thread = None
