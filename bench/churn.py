@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 import phalanx as px
+from phalanx.job_secret import new_secret
 from phalanx.rendezvous import connect_store, host_store
 
 _TIMEOUT = timedelta(seconds=30)
@@ -44,10 +45,10 @@ def _summary(seconds: list[float], stall: float) -> str:
 
 
 def store_connections(count: int, stall: float) -> None:
-    store = host_store("127.0.0.1", None, _TIMEOUT)
+    store = host_store("127.0.0.1", None, _TIMEOUT, new_secret())
     ways = {
         "dist.TCPStore": lambda: dist.TCPStore("127.0.0.1", store.port, is_master=False, timeout=_TIMEOUT),
-        "phalanx": lambda: connect_store("127.0.0.1", store.port, _TIMEOUT),
+        "phalanx": lambda: connect_store("127.0.0.1", store.port, _TIMEOUT, None),
     }
     seconds: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(count):
