@@ -43,4 +43,4 @@ def test_no_fixed_default_port():
         px.launch(lambda: __import__("os").environ["MASTER_PORT"], platform=px.Platform(device="cpu"))[0]
         for _ in range(3)
     }
-    assert "29500" not in ports
+    assert len(ports) > 1, f"every launch used port {ports}: a fixed default port collides with a second job"

@@ -18,6 +18,18 @@ def _shared_files() -> set[str]:
     return {name for name in os.listdir(SHARED_MEMORY_FOLDER) if name.startswith(f"phalanx-{os.getpid()}-")}
 
 
+def _mapped_from_shared_memory(tensor: torch.Tensor) -> bool:
+    """True when the tensor's memory is a mapping of one of phalanx's shared memory files."""
+    address = tensor.untyped_storage().data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, *_, path = line.split(maxsplit=5)
+            low, high = (int(end, 16) for end in span.split("-"))
+            if low <= address < high:
+                return os.path.basename(path.split()[0]).startswith(f"phalanx-{os.getpid()}-")
+    return False
+
+
 def _large_values():
     rank = px.get_rank()
     base = torch.arange(1 << 20, dtype=torch.float64) + rank  # 8 MiB
@@ -41,6 +53,7 @@ def test_large_tensors_come_back_equal_with_views_sharing_their_storage_and_no_f
         assert value["bfloat16"].dtype == torch.bfloat16 and value["small"].item() == rank
         value["base"] += 1  # the caller owns a writable copy-on-write mapping
         assert value["view"][0].item() == 11 + rank
+        assert _mapped_from_shared_memory(value["base"]) and _mapped_from_shared_memory(value["parameter"])
     assert _shared_files() == set()
 
 
