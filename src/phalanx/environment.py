@@ -71,7 +71,6 @@ class Environment:
     """What a launcher tells each process it started. Subclasses read it from the environment."""
 
     name = "environment"
-    creates_processes_externally = True
     place_variables: tuple[str, ...] = ()  # where the launcher states the place, for error messages
 
     @staticmethod

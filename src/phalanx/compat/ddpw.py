@@ -81,7 +81,8 @@ class Platform:
     aside, which phalanx takes from the function) go to phalanx only for device="slurm", as
     in DDPW. `master_port=None` (the default) lets phalanx take a free port atomically where
     DDPW drew a random one at import. `spawn_method` and `verbose` are accepted and unused:
-    phalanx never forks and prints no setup log.
+    phalanx forks its workers from a clean copy of the interpreter taken at import (never from
+    a process that holds CUDA or threads), whatever the start method, and prints no setup log.
 
     Example::
 

@@ -8,7 +8,8 @@
 
     ranch(2, fn, "a")          # [(0, 'a'), (1, 'a')]; the caller is rank 0
 
-`ranch` runs on `px.launch`: spawned workers (never forked), the caller as a rank
+`ranch` runs on `px.launch`: workers forked from phalanx's clean copy of the interpreter
+(never from a caller that holds CUDA or threads), the caller as a rank
 (`caller_rank`), every rank's value back, and a failing rank raises `px.WorkerError` (mpify
 returned None for it). Inside each rank `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `RANK` and
 `WORLD_SIZE` are in `os.environ`, and a torch process group already exists: `TorchDDPCtx`
