@@ -111,7 +111,7 @@ def test_a_link_planted_at_the_checkpoint_temporary_name_is_refused_and_never_wr
     temporary = tmp_path / ".ckpt.pt.tmp-guessed"
     temporary.symlink_to(victim)
     os.lchown(temporary, _nobody(), _nobody())  # another user's link: the stale clean-up leaves it
-    monkeypatch.setattr(phalanx.context, "_temporary_path", lambda path: temporary)  # as if the name were guessed
+    monkeypatch.setattr(phalanx.context, "temporary_beside", lambda path: temporary)  # as if the name were guessed
     with pytest.raises(px.CheckpointError, match=re.escape(f"its temporary file {temporary} already exists")):
         px.Context(step=2).save(path)
     assert victim.read_bytes() == b"someone's precious file"

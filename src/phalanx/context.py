@@ -15,7 +15,6 @@ import os
 import pickle
 import random
 import re
-import secrets
 import stat
 import sys
 import threading
@@ -29,7 +28,7 @@ from torch.torch_version import TorchVersion
 
 from phalanx import dist as ranks
 from phalanx.errors import CheckpointError
-from phalanx.files import create_exclusive
+from phalanx.files import create_exclusive, temporary_beside
 from phalanx.training import prepare_model, unwrap_model
 
 __all__ = ["Context", "read_checkpoint", "rng_state", "set_rng_state", "wait_for_saves", "write_atomically"]
@@ -169,11 +168,6 @@ def _remove(path: Path) -> None:
         pass
 
 
-def _temporary_path(path: Path) -> Path:
-    """A fresh name beside `path`, unguessable, so that no one can put a link there in advance."""
-    return path.parent / f".{path.name}.tmp-{secrets.token_hex(8)}"
-
-
 def _remove_stale_temporaries(path: Path) -> None:
     """Remove the temporary files an earlier crash left beside `path`: this user's only, never followed."""
     uid = os.getuid() if hasattr(os, "getuid") else None
@@ -256,7 +250,7 @@ def write_atomically(state: dict[str, Any], path: Path, durable: bool = True, ba
     except OSError as error:
         raise _cannot_write(path, error) from error
     _remove_stale_temporaries(path)
-    temporary = _temporary_path(path)
+    temporary = temporary_beside(path)
     try:
         fd = create_exclusive(temporary, 0o666)
     except FileExistsError as error:

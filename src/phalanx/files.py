@@ -22,6 +22,7 @@ __all__ = [
     "create_exclusive",
     "open_owned",
     "read_trusted",
+    "temporary_beside",
     "write_atomically",
 ]
 
@@ -43,6 +44,11 @@ def create_exclusive(path: str | os.PathLike, mode: int = PRIVATE_MODE) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, mode)
 
 
+def temporary_beside(path: Path) -> Path:
+    """A fresh, unguessable name beside `path` for what will be renamed over it: no one can plant a link there first."""
+    return path.parent / f".{path.name}.tmp-{secrets.token_hex(8)}"
+
+
 def write_atomically(path: str | os.PathLike, data: bytes, mode: int = PRIVATE_MODE) -> None:
     """Write `data` to `path` through a fresh temporary file of unguessable name, renamed over it.
 
@@ -50,7 +56,7 @@ def write_atomically(path: str | os.PathLike, data: bytes, mode: int = PRIVATE_M
     planted link can redirect the write.
     """
     path = Path(path)
-    temporary = path.parent / f".{path.name}.tmp-{secrets.token_hex(8)}"
+    temporary = temporary_beside(path)
     fd = create_exclusive(temporary, mode)
     try:
         with os.fdopen(fd, "wb") as file:
