@@ -26,7 +26,7 @@ import time
 import psutil
 
 import phalanx as px
-from phalanx import zygote
+from phalanx.runners import zygote
 
 FAULTS = ("raise", "exit", "kill", "hang")
 

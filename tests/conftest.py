@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 import phalanx as px
-from phalanx import zygote
+from phalanx.runners import zygote
 
 CPU = px.Platform(device="cpu", n_procs=2)
 

@@ -19,7 +19,7 @@ import torch
 
 import phalanx as px
 import phalanx.context
-from phalanx import shared_tensors
+from phalanx.runners import shared_tensors
 from phalanx.files import PRIVATE_MODE, create_exclusive
 from phalanx.sweep import _point_key
 

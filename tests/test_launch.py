@@ -182,7 +182,7 @@ def test_launch_works_when_the_caller_has_threads():
     """A caller with threads (as a notebook kernel has) gets a zygote started by exec."""
     script = """
 import threading, phalanx as px
-from phalanx import zygote
+from phalanx.runners import zygote
 stop = threading.Event()
 threading.Thread(target=stop.wait, daemon=True).start()
 zygote.shutdown()
@@ -206,7 +206,7 @@ def check():  # registered first, so it runs after phalanx's own exit handler
 
 atexit.register(check)
 import phalanx as px
-from phalanx import zygote
+from phalanx.runners import zygote
 print(px.launch(px.get_rank, platform=px.Platform(device="cpu", n_procs=2)), zygote.get_zygote().started_by)
 zygote_pid = zygote.get_zygote().pid
 """
@@ -275,7 +275,7 @@ def test_workers_done_before_the_caller_reads_their_pids_are_collected(monkeypat
     import socket
     import time
 
-    from phalanx.channel import FrameReader
+    from phalanx.runners.channel import FrameReader
     from phalanx.runners import local
 
     watch = local.LocalJob._watch

@@ -58,7 +58,7 @@ def test_notebook_launches_twice_then_as_caller_rank_zero():
     outputs = run_notebook(
         """
 import os, phalanx as px
-from phalanx import zygote
+from phalanx.runners import zygote
 
 TWO = px.Platform(device="cpu", n_procs=2)
 

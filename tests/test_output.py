@@ -65,7 +65,7 @@ def test_progress_bar_keeps_its_final_state_through_a_launch(capsys):
 
 
 def test_redraws_arriving_separately_are_shown_in_place_at_once(capsys):
-    from phalanx.output import RankOutput
+    from phalanx.runners.output import RankOutput
 
     output = RankOutput(1, "stderr", show=True, prefix=True)
     output.feed(b"\rstep 0/3")  # not known to be complete until the next carriage return
@@ -77,7 +77,7 @@ def test_redraws_arriving_separately_are_shown_in_place_at_once(capsys):
 
 
 def test_output_tail_keeps_the_last_state_of_a_redrawn_line():
-    from phalanx.output import RankOutput
+    from phalanx.runners.output import RankOutput
 
     output = RankOutput(0, "stderr", show=False, prefix=True)
     output.feed(b"10%\r20%\r30%\nnext")

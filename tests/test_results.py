@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import phalanx as px
-from phalanx.shared_tensors import SHARED_MEMORY_FOLDER
+from phalanx.runners.shared_tensors import SHARED_MEMORY_FOLDER
 
 CPU = px.Platform(device="cpu", n_procs=2)
 

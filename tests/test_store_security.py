@@ -22,7 +22,7 @@ import pytest
 import torch.distributed as dist
 
 import phalanx as px
-from phalanx import zygote
+from phalanx.runners import zygote
 from phalanx.rendezvous import SignedStore, host_store
 from tests.conftest import run_script
 from tests.namespaces import one_host

@@ -86,7 +86,7 @@ __all__ = [
 ]
 
 # Last, once everything above exists: take the clean copy of this interpreter that workers are
-# forked from, while it is still clean (see phalanx.zygote).
-from phalanx import zygote as _zygote
+# forked from, while it is still clean (see phalanx.runners.zygote).
+from phalanx.runners import zygote as _zygote
 
 _zygote.prestart()

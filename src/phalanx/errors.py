@@ -88,7 +88,7 @@ class RankFailure:
 
     @classmethod
     def from_record(cls, record: dict) -> RankFailure:
-        """Build one from the plain record a rank sends (see `phalanx.worker.failure_record`)."""
+        """Build one from the plain record a rank sends (see `phalanx.runners.worker.failure_record`)."""
         return cls(
             rank=record["rank"],
             exc_type=record["exc_type"],

@@ -53,7 +53,7 @@ def launch(
     """
     if not callable(fn):
         raise TypeError(f"launch() needs a callable first, got {fn!r}")
-    worker = sys.modules.get("phalanx.worker")
+    worker = sys.modules.get("phalanx.runners.worker")
     if worker is not None and worker._unpickling_call:
         raise LaunchError(
             f"launch() was called while a rank imported module {fn.__module__!r} to get the function to run: "

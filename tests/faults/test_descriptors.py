@@ -1,4 +1,4 @@
-"""Descriptors the caller held at `import phalanx` (see phalanx.zygote's docstring).
+"""Descriptors the caller held at `import phalanx` (see phalanx.runners.zygote's docstring).
 
 A zygote taken by fork, and so every rank, holds the Python objects of the caller that use
 those descriptors (a log file of `logging.basicConfig`, pytest's handlers): their numbers must
@@ -60,7 +60,7 @@ held = [open(os.devnull) for _ in range(3)]  # the log file's number lies above 
 logging.basicConfig(filename={str(log)!r}, level=logging.INFO)  # mode "a": O_APPEND
 logging.info("the caller, before")
 {RANK_FUNCTION}
-from phalanx import zygote
+from phalanx.runners import zygote
 
 assert zygote.get_zygote().started_by == "fork"
 px.launch(write_data_and_log, {str(data)!r}, platform=px.Platform(device="cpu", n_procs=2))
@@ -116,7 +116,7 @@ import stat
 read_end, write_end = os.pipe()
 
 import phalanx as px
-from phalanx import zygote
+from phalanx.runners import zygote
 
 assert zygote.get_zygote().started_by == "fork"
 
@@ -146,7 +146,7 @@ listener.listen()
 port = listener.getsockname()[1]
 
 import phalanx as px
-from phalanx import zygote
+from phalanx.runners import zygote
 
 assert zygote.get_zygote().started_by == "fork"
 print(px.launch(lambda: "ran", platform=px.Platform(device="cpu", n_procs=2)))

@@ -16,7 +16,8 @@ import time
 import pytest
 
 import phalanx as px
-from phalanx import rendezvous, zygote
+from phalanx import rendezvous
+from phalanx.runners import zygote
 from phalanx.runners import local
 from tests.conftest import run_script
 
@@ -146,7 +147,7 @@ import time
 import psutil
 
 import phalanx as px
-from phalanx import zygote
+from phalanx.runners import zygote
 
 zygote.shutdown()
 real_fork, forks = os.fork, []
@@ -185,7 +186,7 @@ import resource
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
 import phalanx as px
-from phalanx import zygote
+from phalanx.runners import zygote
 
 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 assert zygote.get_zygote().started_by == "fork"
@@ -231,7 +232,7 @@ import os
 import resource
 
 import phalanx as px
-from phalanx import zygote
+from phalanx.runners import zygote
 
 zygote._process_limit_applies = lambda: True
 limit = zygote._tasks_of_user(os.getuid()) + 10

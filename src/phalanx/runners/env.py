@@ -27,7 +27,7 @@ from phalanx.errors import LaunchError, RankFailure, WorkerError
 from phalanx.job_secret import HOW_TO_SET, SECRET_VARIABLE, secret_from_environment
 from phalanx.platform import Platform
 from phalanx.rendezvous import connect_store, host_store, interface_towards
-from phalanx.worker import failure_record, rank_session
+from phalanx.runners.worker import failure_record, rank_session
 
 __all__ = ["run_joined"]
 

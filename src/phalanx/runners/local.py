@@ -26,18 +26,18 @@ from typing import Any
 import cloudpickle
 import torch.distributed as dist
 
-from phalanx.channel import FrameReader, decode, dumps_call, dumps_value, encode, read_frame, write_frame
+from phalanx.runners.channel import FrameReader, decode, dumps_call, dumps_value, encode, read_frame, write_frame
 from phalanx.dist import call_rank_function
 from phalanx.errors import HangError, LaunchError, RankFailure, WorkerError
-from phalanx.hangs import collective_in, hang_verdict, innermost_frame, looks_like_timeout, trim_dump
+from phalanx.runners.hangs import collective_in, hang_verdict, innermost_frame, looks_like_timeout, trim_dump
 from phalanx.job_secret import HOW_TO_SET, new_secret, secret_from_environment
-from phalanx.output import RankOutput
+from phalanx.runners.output import RankOutput
 from phalanx.platform import Platform
 from phalanx.rendezvous import StoreListener, connect_store, host_store, interface_towards
 from phalanx.runners.nodes import NodeGroup
-from phalanx.shared_tensors import launch_prefix, remove_shared_files
-from phalanx.worker import failure_record, rank_session
-from phalanx.zygote import check_limits, get_zygote
+from phalanx.runners.shared_tensors import launch_prefix, remove_shared_files
+from phalanx.runners.worker import failure_record, rank_session
+from phalanx.runners.zygote import check_limits, get_zygote
 
 __all__ = ["STOP_GRACE_SECONDS", "run_local"]
 
@@ -106,7 +106,7 @@ class LocalJob:
         self._owned_fds: set[int] = set()
         self._interrupt_caller: Callable[[], None] | None = None
         self.on_failure: Callable[[], None] | None = None  # tells the other nodes, if any
-        # Hang reports (see phalanx.hangs): every live rank's stack, asked for before the stop.
+        # Hang reports (see phalanx.runners.hangs): every live rank's stack, asked for before the stop.
         self.hang_detected = False
         self.stacks: dict[int, str] = {}
         self._collect_until: float | None = None  # monotonic deadline while stacks are being collected

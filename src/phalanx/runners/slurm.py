@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 
 import cloudpickle
 
-from phalanx.channel import dumps_call
+from phalanx.runners.channel import dumps_call
 from phalanx.errors import LaunchError, PlatformError, RankFailure, UntrustedFileError, WorkerError
 from phalanx.files import check_trusted_folder, read_trusted, write_atomically
 from phalanx.job_secret import SECRET_FILE_VARIABLE, SECRET_VARIABLE, new_secret

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from phalanx import dist as rank_state
-from phalanx.channel import dumps_value, encode, write_frame
+from phalanx.runners.channel import dumps_value, encode, write_frame
 from phalanx.errors import SerializationError
 from phalanx.rendezvous import connect_store
 

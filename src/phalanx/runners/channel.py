@@ -147,11 +147,11 @@ def dumps_value(value: Any, what: str, shared_prefix: str | None = None) -> byte
     """Pickle a value for the caller; `what` names it in the error ("the return value of rank 1").
 
     With `shared_prefix`, large CPU tensors go through shared memory files of that prefix
-    (see `phalanx.shared_tensors`); the caller must be on the same machine.
+    (see `phalanx.runners.shared_tensors`); the caller must be on the same machine.
     """
     try:
         if shared_prefix is not None:
-            from phalanx.shared_tensors import dumps_sharing_tensors
+            from phalanx.runners.shared_tensors import dumps_sharing_tensors
 
             return dumps_sharing_tensors(value, shared_prefix)
         return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)

@@ -61,7 +61,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from phalanx.channel import FrameReader, decode, encode, recv_exactly, write_frame
+from phalanx.runners.channel import FrameReader, decode, encode, recv_exactly, write_frame
 from phalanx.errors import LaunchError
 
 __all__ = ["Zygote", "check_limits", "get_zygote", "helper_pids", "prestart"]
@@ -317,7 +317,7 @@ def _exec_zygote() -> Zygote:
     env = dict(os.environ)
     env[_ROLE_VARIABLE] = "zygote"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    code = "import sys; from phalanx.zygote import _serve_after_exec; _serve_after_exec()"
+    code = "import sys; from phalanx.runners.zygote import _serve_after_exec; _serve_after_exec()"
     try:
         process = subprocess.Popen(
             [sys.executable, "-c", code, str(theirs.fileno()), str(os.getpid())],
@@ -507,7 +507,7 @@ def _receive_job(control: socket.socket) -> tuple[dict[str, Any], bytes, list[in
 
 # Modules that DDP, the optimizers and torch.compile import on first use: about 2.5 s of
 # imports in every rank of every launch that builds a DDP model, unless the zygote has them;
-# and the codec of host names. (What every worker runs, phalanx.worker and the modules around
+# and the codec of host names. (What every worker runs, phalanx.runners.worker and the modules around
 # it, `import phalanx` has imported before the zygote is copied: each worker would otherwise
 # import it again, 7 ms a rank here, most of it copy-on-write faults.)
 _WARM_UP_MODULES = ("torch._dynamo", "torch.distributed.fsdp", "torch.nn.parallel", "encodings.idna")
@@ -650,7 +650,7 @@ class _Server:
             os.dup2(null, 0)
             _close_other_descriptors({result_fd, *self.inherited})
             os.environ[_ROLE_VARIABLE] = "worker"
-            from phalanx.worker import run_rank
+            from phalanx.runners.worker import run_rank
 
             code = run_rank(header["job"], rank_spec, payload, result_fd)
         except BaseException:
