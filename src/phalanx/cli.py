@@ -18,11 +18,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from phalanx import variables
 from phalanx.job_secret import new_secret
 
 __all__ = ["add_platform_arguments", "main", "platform_from_args"]
-
-RUN_VARIABLE = "PHALANX_RUN"  # set in the ranks of `phalanx run`: launch() inside joins them
 
 
 def _positive(text: str) -> int:
@@ -105,7 +104,7 @@ def platform_from_args(args: argparse.Namespace) -> Any:
 
 def _run_main(target: str, is_module: bool, argv: list[str]) -> None:
     """In a rank: run the script (or module) as `__main__`, as `python script.py` would."""
-    os.environ[RUN_VARIABLE] = "1"
+    os.environ[variables.RUN] = "1"
     sys.argv = [target, *argv]
     try:
         if is_module:

@@ -29,6 +29,7 @@ from torch.torch_version import TorchVersion
 from phalanx import dist as ranks
 from phalanx.errors import CheckpointError
 from phalanx.files import create_exclusive, temporary_beside
+from phalanx.rank_state import on_rank_finish
 from phalanx.training import prepare_model, unwrap_model
 
 __all__ = ["Context", "read_checkpoint", "rng_state", "set_rng_state", "wait_for_saves", "write_atomically"]
@@ -279,7 +280,7 @@ def write_atomically(state: dict[str, Any], path: Path, durable: bool = True, ba
         _put_in_place(fd, temporary, path, durable)
 
 
-ranks._on_finish(wait_for_saves)
+on_rank_finish(wait_for_saves)
 atexit.register(_report_unwritten_checkpoint_at_exit)
 
 _SAFE_TORCH = "2.6"  # before it, weights_only=True could be made to run code (CVE-2025-32434)

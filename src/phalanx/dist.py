@@ -8,11 +8,13 @@ unchanged in both.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from phalanx import variables
+from phalanx.rank_state import current_place, on_rank_finish
 
 __all__ = [
     "all_gather",
@@ -28,6 +30,7 @@ __all__ = [
     "get_world_size",
     "is_distributed",
     "is_master",
+    "on_rank_finish",
 ]
 
 _REDUCE_OPS = {
@@ -37,56 +40,6 @@ _REDUCE_OPS = {
     "min": dist.ReduceOp.MIN,
     "product": dist.ReduceOp.PRODUCT,
 }
-
-
-class _RankState:
-    device: torch.device | None = None
-    local_rank: int | None = None
-    local_world_size: int | None = None
-    node_rank: int | None = None
-
-
-_state = _RankState()
-
-
-def _enter_rank(rank_device: torch.device, local_rank: int, local_world_size: int, node_rank: int) -> None:
-    _state.device = rank_device
-    _state.local_rank = local_rank
-    _state.local_world_size = local_world_size
-    _state.node_rank = node_rank
-
-
-def _leave_rank() -> None:
-    _state.device = _state.local_rank = _state.local_world_size = _state.node_rank = None
-
-
-_finishers: list[Callable[[], None]] = []
-
-
-def _on_finish(callback: Callable[[], None]) -> None:
-    """Have `callback` run when a rank's function ends, before its value or failure is reported.
-
-    A `Context` registers the wait for its background checkpoint write this way, so that the
-    caller never sees a rank finish with its last checkpoint still in flight.
-    """
-    if callback not in _finishers:
-        _finishers.append(callback)
-
-
-def call_rank_function(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
-    """Run a rank's function, then what must finish before its outcome is reported."""
-    try:
-        value = fn(*args, **kwargs)
-    except BaseException:
-        for finish in _finishers:
-            try:
-                finish()
-            except BaseException:  # the function's own failure is the one to report
-                pass
-        raise
-    for finish in _finishers:
-        finish()
-    return value
 
 
 def _env_int(name: str, default: int) -> int:
@@ -112,8 +65,8 @@ def get_rank() -> int:
     """This process's global rank (0 when nothing is distributed)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    if "RANK" in os.environ:
-        return _env_int("RANK", 0)
+    if variables.RANK in os.environ:
+        return _env_int(variables.RANK, 0)
     launcher = _launcher()
     return launcher.global_rank() if launcher is not None else 0
 
@@ -122,34 +75,35 @@ def get_world_size() -> int:
     """Number of ranks in the job (1 when nothing is distributed)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
-    if "WORLD_SIZE" in os.environ:
-        return _env_int("WORLD_SIZE", 1)
+    if variables.WORLD_SIZE in os.environ:
+        return _env_int(variables.WORLD_SIZE, 1)
     launcher = _launcher()
     return launcher.world_size() if launcher is not None else 1
 
 
 def get_local_rank() -> int:
     """This process's rank on its node."""
-    return _state.local_rank if _state.local_rank is not None else _env_int("LOCAL_RANK", 0)
+    place = current_place()
+    return place.local_rank if place is not None else _env_int(variables.LOCAL_RANK, 0)
 
 
 def get_local_world_size() -> int:
     """Number of ranks on this node."""
-    if _state.local_world_size is not None:
-        return _state.local_world_size
-    return _env_int("LOCAL_WORLD_SIZE", 1)
+    place = current_place()
+    return place.local_world_size if place is not None else _env_int(variables.LOCAL_WORLD_SIZE, 1)
 
 
 def get_node_rank() -> int:
     """This node's index in the job."""
-    if _state.node_rank is not None:
-        return _state.node_rank
-    return _env_int("NODE_RANK", _env_int("GROUP_RANK", 0))
+    place = current_place()
+    if place is not None:
+        return place.node_rank
+    return _env_int(variables.NODE_RANK, _env_int(variables.GROUP_RANK, 0))
 
 
 def get_restart_count() -> int:
     """How many times `Platform(max_restarts=...)` has restarted this job so far (0 on the first try)."""
-    return _env_int("PHALANX_RESTART_COUNT", 0)
+    return _env_int(variables.RESTART_COUNT, 0)
 
 
 def is_master() -> bool:
@@ -159,8 +113,9 @@ def is_master() -> bool:
 
 def device() -> torch.device:
     """The device this rank computes on (the best available one outside a launch)."""
-    if _state.device is not None:
-        return _state.device
+    place = current_place()
+    if place is not None:
+        return place.device
     from phalanx.platform import default_device_type
 
     kind = default_device_type()

@@ -14,11 +14,11 @@ import secrets
 import stat
 
 from phalanx.errors import LaunchError
+from phalanx.variables import JOB_SECRET as SECRET_VARIABLE
+from phalanx.variables import JOB_SECRET_FILE as SECRET_FILE_VARIABLE
 
 __all__ = ["SECRET_BYTES", "SECRET_FILE_VARIABLE", "SECRET_VARIABLE", "new_secret", "secret_from_environment"]
 
-SECRET_VARIABLE = "PHALANX_JOB_SECRET"
-SECRET_FILE_VARIABLE = "PHALANX_JOB_SECRET_FILE"
 SECRET_BYTES = 32
 
 HOW_TO_SET = (

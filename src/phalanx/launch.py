@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch.distributed as dist
 
-from phalanx.cli import RUN_VARIABLE
-from phalanx.dist import call_rank_function
+from phalanx.rank_state import call_rank_function
 from phalanx.environment import Environment, detect_environment
+from phalanx import variables
 from phalanx.errors import LaunchError, PlatformError, WorkerError
 from phalanx.platform import Platform
 from phalanx.runners.local import run_local  # at import: the zygote, copied then, has it for every worker
@@ -24,8 +24,6 @@ if TYPE_CHECKING:
 __all__ = ["launch", "submit"]
 
 T = TypeVar("T")
-
-RESTART_VARIABLE = "PHALANX_RESTART_COUNT"  # in every rank: 0 on the first try, k on the k-th restart
 
 
 def launch(
@@ -60,7 +58,7 @@ def launch(
             "that module launches when it is imported, so every rank would launch again. Put the launch under "
             '`if __name__ == "__main__":` (or in a function) in that module.'
         )
-    if os.environ.get(RUN_VARIABLE) == "1" and dist.is_initialized():
+    if os.environ.get(variables.RUN) == "1" and dist.is_initialized():
         return _run_in_current_group(fn, args, kwargs, gather)
     requested = platform or Platform()
     environment = None if requested.cluster == "slurm" else _environment_for(requested)
@@ -138,7 +136,7 @@ def _launch_once(
 
     platform = requested.resolve()  # cluster "auto" with no launcher found, or "local"
     _check_caller_rank(caller_rank, platform)
-    return run_local(fn, args, kwargs, platform, caller_rank, gather, {RESTART_VARIABLE: str(restart)})
+    return run_local(fn, args, kwargs, platform, caller_rank, gather, {variables.RESTART_COUNT: str(restart)})
 
 
 def submit(fn: Callable[..., Any], *args: Any, platform: Platform, gather: bool = True, **kwargs: Any) -> SlurmJob:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from phalanx.environment import Environment
 from phalanx.errors import PlatformError
 
 __all__ = ["Platform", "available_device_types", "default_device_type"]
@@ -129,6 +130,7 @@ class Platform:
     console_logs: bool = True
     rank_prefix: bool = True
     connect_timeout: float | timedelta = 30.0
+    environment: Environment | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         self._validate_device()
@@ -212,6 +214,22 @@ class Platform:
             self._set("master_port", None)
         if self.cluster not in CLUSTERS:
             raise PlatformError("cluster", self.cluster, f"allowed are {', '.join(map(repr, CLUSTERS))}")
+        if self.environment is not None:
+            if not isinstance(self.environment, Environment):
+                raise PlatformError(
+                    "environment",
+                    self.environment,
+                    "it must be a phalanx.environment.Environment (such as Explicit(rank, world_size)), or None",
+                )
+            if self.cluster not in ("auto", "env"):
+                raise PlatformError(
+                    "environment",
+                    self.environment,
+                    f"an environment states the places of processes that exist already, and cluster={self.cluster!r} "
+                    "starts its own",
+                    "Use cluster='auto' or 'env' with environment=..., or leave environment unset.",
+                )
+            self._set("cluster", "env")
         if self.n_nodes > 1 and self.cluster in ("auto", "local") and self.master_port is None:
             raise PlatformError(
                 "master_port",

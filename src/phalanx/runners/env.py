@@ -21,7 +21,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from phalanx.dist import call_rank_function
+from phalanx.rank_state import call_rank_function
 from phalanx.environment import Environment, check_place
 from phalanx.errors import LaunchError, RankFailure, WorkerError
 from phalanx.job_secret import HOW_TO_SET, SECRET_VARIABLE, secret_from_environment

@@ -27,7 +27,7 @@ import cloudpickle
 import torch.distributed as dist
 
 from phalanx.runners.channel import FrameReader, decode, dumps_call, dumps_value, encode, read_frame, write_frame
-from phalanx.dist import call_rank_function
+from phalanx.rank_state import call_rank_function
 from phalanx.errors import HangError, LaunchError, RankFailure, WorkerError
 from phalanx.runners.hangs import collective_in, hang_verdict, innermost_frame, looks_like_timeout, trim_dump
 from phalanx.job_secret import HOW_TO_SET, new_secret, secret_from_environment

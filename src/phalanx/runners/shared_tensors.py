@@ -30,6 +30,7 @@ from typing import Any
 import cloudpickle
 import torch
 
+from phalanx import variables
 from phalanx.errors import UntrustedFileError
 from phalanx.files import PRIVATE_MODE, create_exclusive, open_owned
 
@@ -45,7 +46,7 @@ def launch_prefix() -> str | None:
 
     `PHALANX_SHARED_MEMORY=0` turns sharing off (the benchmark compares both ways).
     """
-    if os.environ.get("PHALANX_SHARED_MEMORY", "1") == "0":
+    if os.environ.get(variables.SHARED_MEMORY, "1") == "0":
         return None
     if not os.access(SHARED_MEMORY_FOLDER, os.W_OK):
         return None

@@ -22,7 +22,8 @@ import cloudpickle
 import torch
 import torch.distributed as dist
 
-from phalanx import dist as rank_state
+from phalanx import rank_state
+from phalanx import variables
 from phalanx.runners.channel import dumps_value, encode, write_frame
 from phalanx.errors import SerializationError
 from phalanx.rendezvous import connect_store
@@ -39,14 +40,14 @@ _sessions_left_open: list[contextlib.ExitStack] = []
 def rank_environment(job: dict[str, Any], rank: int, local_rank: int) -> dict[str, str]:
     """The variables torch.distributed and user code read to know their place."""
     return {
-        "RANK": str(rank),
-        "LOCAL_RANK": str(local_rank),
-        "WORLD_SIZE": str(job["world_size"]),
-        "LOCAL_WORLD_SIZE": str(job["local_world_size"]),
-        "NODE_RANK": str(job["node_rank"]),
-        "GROUP_RANK": str(job["node_rank"]),
-        "MASTER_ADDR": job["master_addr"],
-        "MASTER_PORT": str(job["master_port"]),
+        variables.RANK: str(rank),
+        variables.LOCAL_RANK: str(local_rank),
+        variables.WORLD_SIZE: str(job["world_size"]),
+        variables.LOCAL_WORLD_SIZE: str(job["local_world_size"]),
+        variables.NODE_RANK: str(job["node_rank"]),
+        variables.GROUP_RANK: str(job["node_rank"]),
+        variables.MASTER_ADDR: job["master_addr"],
+        variables.MASTER_PORT: str(job["master_port"]),
     }
 
 
@@ -104,7 +105,7 @@ def rank_session(job: dict[str, Any], rank: int, local_rank: int, store: dist.St
             )
         dist.init_process_group(job["backend"], store=store, rank=rank, world_size=job["world_size"], timeout=timeout)
         _wait_for_every_rank(store, job["world_size"])
-        rank_state._enter_rank(device, local_rank, job["local_world_size"], job["node_rank"])
+        rank_state.enter_rank(rank_state.RankPlace(device, local_rank, job["local_world_size"], job["node_rank"]))
         if job.get("seed") is not None:
             from phalanx.seeding import seed_everything
 
@@ -117,7 +118,7 @@ def rank_session(job: dict[str, Any], rank: int, local_rank: int, store: dist.St
             os.environ.clear()
             os.environ.update(saved_environ)
             torch.set_num_threads(saved_threads)
-            rank_state._leave_rank()
+            rank_state.leave_rank()
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
@@ -185,7 +186,7 @@ def run_rank(job: dict[str, Any], spec: dict[str, Any], payload: bytes, result_f
     many quick launches: those were c10d's reverse DNS lookups, see `phalanx.name_lookups`.)
     """
     _fresh_standard_streams()
-    environ = dict(job["environ"], PHALANX_ROLE="worker")
+    environ = dict(job["environ"], **{variables.ROLE: "worker"})
     if os.environ != environ:  # usually the same: the zygote was copied from the caller
         os.environ.clear()
         os.environ.update(environ)

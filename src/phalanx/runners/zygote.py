@@ -62,12 +62,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from phalanx.runners.channel import FrameReader, decode, encode, recv_exactly, write_frame
+from phalanx import variables
 from phalanx.errors import LaunchError
 
 __all__ = ["Zygote", "check_limits", "get_zygote", "helper_pids", "prestart"]
 
-_ROLE_VARIABLE = "PHALANX_ROLE"  # "zygote" or "worker" inside phalanx's own processes
-_DISABLE_VARIABLE = "PHALANX_FORK_ZYGOTE"  # "0": never fork the caller, always exec a zygote
 _FDS_PER_RANK = 3
 _MAX_FDS = 250  # descriptors per message: the kernel's SCM_RIGHTS limit is 253
 _SEND_TIMEOUT_SECONDS = 60.0  # for the zygote to take a whole request off the control socket
@@ -269,7 +268,7 @@ class Zygote:
 def _fork_is_allowed() -> bool:
     return (
         hasattr(os, "fork")
-        and os.environ.get(_DISABLE_VARIABLE, "1") != "0"
+        and os.environ.get(variables.DISABLE_ZYGOTE_FORK, "1") != "0"
         and threading.active_count() == 1
         and not _cuda_initialised()
     )
@@ -315,7 +314,7 @@ def _exec_zygote() -> Zygote:
     ours, theirs = socket.socketpair()
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(phalanx.__file__)))
     env = dict(os.environ)
-    env[_ROLE_VARIABLE] = "zygote"
+    env[variables.ROLE] = "zygote"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     code = "import sys; from phalanx.runners.zygote import _serve_after_exec; _serve_after_exec()"
     try:
@@ -349,7 +348,7 @@ def get_zygote() -> Zygote:
 def prestart() -> None:
     """Take the zygote now if the caller is still clean; called when phalanx is imported."""
     global _zygote
-    if os.environ.get(_ROLE_VARIABLE) or not _fork_is_allowed() or _launched_externally():
+    if os.environ.get(variables.ROLE) or not _fork_is_allowed() or _launched_externally():
         return
     import multiprocessing
 
@@ -649,7 +648,7 @@ class _Server:
             null = os.open(os.devnull, os.O_RDONLY)
             os.dup2(null, 0)
             _close_other_descriptors({result_fd, *self.inherited})
-            os.environ[_ROLE_VARIABLE] = "worker"
+            os.environ[variables.ROLE] = "worker"
             from phalanx.runners.worker import run_rank
 
             code = run_rank(header["job"], rank_spec, payload, result_fd)
@@ -759,7 +758,7 @@ def _serve(control_fd: int, caller_pid: int) -> None:
         os.setsid()  # Ctrl-C in the caller's terminal is for the caller, which stops the ranks
     except OSError:
         pass
-    os.environ[_ROLE_VARIABLE] = "zygote"
+    os.environ[variables.ROLE] = "zygote"
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     inherited = frozenset(_hold_inherited_descriptors({control_fd}))
