@@ -172,6 +172,8 @@ def _environment_for(platform: Platform) -> Environment | None:
     """The launcher to join: detected for cluster="auto", required for cluster="env"."""
     if platform.cluster not in ("auto", "env"):
         return None
+    if platform.environment is not None:
+        return platform.environment  # stated by hand (Platform(environment=...)): no detection
     environment = detect_environment()
     if environment is None and platform.cluster == "env":
         raise LaunchError(
