@@ -189,6 +189,15 @@ def test_recording_after_close_raises(tmp_path):
         rec.scalar("loss", 1.0)
 
 
+def test_params_after_the_writer_itself_was_closed_raises_with_the_fix(tmp_path):
+    with Recorder(tmp_path) as rec:
+        rec.writer.close()
+        with pytest.raises(px.PhalanxError, match=r"closed directly \(rec\.writer\.close\(\)\).*rec\.close\(\)"):
+            rec.params({"lr": 0.1}, {"final/loss": 1.0})
+        with pytest.raises(px.PhalanxError, match=r"closed directly"):
+            rec.load_state_dict({"count": 3})
+
+
 @pytest.mark.parametrize("state", [{}, {"count": -1}, {"count": 1.5}, {"steps": 3}])
 def test_load_state_dict_rejects_a_state_without_a_count(tmp_path, state):
     with Recorder(tmp_path, enabled=False) as rec, pytest.raises(ValueError, match=r"count.*state_dict"):

@@ -32,7 +32,15 @@ from phalanx.files import create_exclusive, temporary_beside
 from phalanx.rank_state import on_rank_finish
 from phalanx.training import prepare_model, unwrap_model
 
-__all__ = ["Context", "read_checkpoint", "rng_state", "set_rng_state", "wait_for_saves", "write_atomically"]
+__all__ = [
+    "Context",
+    "read_checkpoint",
+    "read_weights_only",
+    "rng_state",
+    "set_rng_state",
+    "wait_for_saves",
+    "write_atomically",
+]
 
 _META = "__phalanx__"
 _FORMAT_VERSION = 1
@@ -291,8 +299,15 @@ def _torch_loads_weights_only_safely() -> bool:
     return TorchVersion(torch.__version__) >= _SAFE_TORCH
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint without running any code from it; clear errors for every bad file."""
+def read_weights_only(path: Path) -> Any:
+    """Load any file `torch.save` wrote, onto the CPU, without running code from it.
+
+    Every bad file raises a `CheckpointError` that says what is wrong: missing, a directory,
+    truncated or corrupt, or holding objects only running code could rebuild (and any file,
+    under a torch whose `weights_only=True` could be made to run code).
+    """
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
     if not _torch_loads_weights_only_safely():
         raise CheckpointError(
             f"checkpoint {path} was not loaded: this is torch {torch.__version__}, and before torch {_SAFE_TORCH} "
@@ -328,6 +343,12 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
             f"checkpoint {path} is truncated or corrupt and cannot be read ({type(error).__name__}: "
             f"{str(error)[:200]}). Nothing was loaded; use an earlier checkpoint."
         ) from error
+    return state
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a `Context` checkpoint without running any code from it; clear errors for every bad file."""
+    state = read_weights_only(path)
     if not isinstance(state, dict) or _META not in state:
         raise CheckpointError(f"{path} is not a phalanx Context checkpoint (no {_META} entry)")
     return state

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
     from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.writer import FileWriter
 
 __all__ = ["Recorder"]
 
@@ -131,7 +132,7 @@ class Recorder:
 
         # SummaryWriter.add_hparams would open a second writer in a timestamped subfolder, which
         # TensorBoard shows as a separate run; the same summaries written here stay in this run.
-        file_writer = writer._get_file_writer()
+        file_writer = self._event_file(writer)
         for summary in hparams_summaries(hparams, metrics):
             file_writer.add_summary(summary)
         for tag, value in metrics.items():
@@ -166,9 +167,9 @@ class Recorder:
                 f"Recorder.load_state_dict({state!r}) is not valid: it needs {{'count': n}} with a whole "
                 "number n >= 0, as returned by Recorder.state_dict()."
             )
-        self._count = count
         if self._writer is not None:
             self._mark_restart(self._writer, count)
+        self._count = count
 
     def __enter__(self) -> Recorder:
         return self
@@ -192,14 +193,22 @@ class Recorder:
     def _step_or_count(self, step: int | None) -> int:
         return self._count if step is None else step
 
-    @staticmethod
-    def _mark_restart(writer: SummaryWriter, count: int) -> None:
+    def _event_file(self, writer: SummaryWriter) -> FileWriter:
+        """The writer of `writer`'s event file, for the events SummaryWriter has no `add_*` method for."""
+        if writer.file_writer is None:  # SummaryWriter.close() drops it
+            raise PhalanxError(
+                f"the SummaryWriter of {self!r} was closed directly (rec.writer.close()): close the Recorder "
+                "instead (rec.close()), once everything is recorded."
+            )
+        return writer.file_writer
+
+    def _mark_restart(self, writer: SummaryWriter, count: int) -> None:
         # The marker SummaryWriter(purge_step=count) writes: readers drop the events they have
         # already read at steps >= count, the leftovers of a run that went on past its checkpoint.
         # Written twice: the TensorBoard server's Python loader takes a run's first marker for the
         # start of its first session and purges only from the second on.
         from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
-        file_writer = writer._get_file_writer()
+        file_writer = self._event_file(writer)
         for _ in range(2):
             file_writer.add_event(Event(step=count, session_log=SessionLog(status=SessionLog.START)))

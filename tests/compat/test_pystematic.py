@@ -205,3 +205,20 @@ def test_save_checkpoint_never_writes_through_a_link_planted_where_its_temporary
     path = pystematic.save_checkpoint({"weights": torch.ones(2)}, id=1, directory=tmp_path)
     assert yours.read_text() == "keep me"
     assert torch.equal(pystematic.load_checkpoint(path)["weights"], torch.ones(2))
+
+
+def test_load_checkpoint_reads_a_context_checkpoint_and_a_plain_torch_save_file(tmp_path):
+    ctx = px.Context(model=torch.nn.Linear(2, 1), epoch=3)
+    ctx.save(tmp_path / "context.pt", wait=True)
+    assert pystematic.load_checkpoint(tmp_path / "context.pt")["epoch"] == 3
+    torch.save({"step": 7}, tmp_path / "plain.pt")  # as pystematic-torch itself wrote checkpoints
+    assert pystematic.load_checkpoint(str(tmp_path / "plain.pt")) == {"step": 7}
+
+
+def test_load_checkpoint_refuses_a_cut_file_or_a_directory_clearly(tmp_path):
+    path = pystematic.save_checkpoint({"weights": torch.ones(1000)}, id="cut", directory=tmp_path)
+    path.write_bytes(path.read_bytes()[:200])  # a save that died halfway, written by something else
+    with pytest.raises(px.CheckpointError, match="truncated or corrupt"):
+        pystematic.load_checkpoint(path)
+    with pytest.raises(px.CheckpointError, match="is a directory"):
+        pystematic.load_checkpoint(tmp_path)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
-import pickle
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import torch as _torch
 
 import phalanx as px
-from phalanx.context import write_atomically
+from phalanx.context import read_weights_only, write_atomically
 
 __all__ = [
     "Context",
@@ -102,19 +101,12 @@ def save_checkpoint(state_dict: dict[str, Any], id: Any, directory: str | os.Pat
 
 
 def load_checkpoint(checkpoint_file_path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint onto the CPU without running any code from it (`weights_only=True`)."""
-    path = pathlib.Path(checkpoint_file_path)
-    if not path.exists():
-        raise px.CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        return _torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise px.CheckpointError(
-            f"checkpoint {path} was refused: loading it would run code ({str(error).splitlines()[0][:200]}). "
-            "Save state_dicts, tensors and plain values, as Context.state_dict() returns."
-        ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise px.CheckpointError(f"checkpoint {path} is truncated or corrupt: {error}") from error
+    """Read a checkpoint onto the CPU without running any code from it (`weights_only=True`).
+
+    Any file `torch.save` wrote (pystematic's own checkpoints too), read as `Context.load`
+    reads its own: a missing, cut, corrupt or unsafe file raises `px.CheckpointError`.
+    """
+    return read_weights_only(pathlib.Path(checkpoint_file_path))
 
 
 def _run_experiment(experiment: Callable[[dict[str, Any]], Any], params: dict[str, Any]) -> Any:

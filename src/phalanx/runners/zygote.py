@@ -37,16 +37,24 @@ the zygote keeps each inherited descriptor number taken: a regular file stays op
 in a forked child (a rank's log lines reach that file; O_APPEND stays); anything else (socket,
 pipe, tty, directory, device) is replaced by /dev/null, so the zygote holds no pipe open against
 its reader's EOF, nor a listening port bound, and what a rank writes there is dropped.
+
+Names. So that neither looks like a stray copy of the user's program in `ps` or `top`, the
+zygote calls itself "phalanx-zygote" and each worker "phalanx-rank-<rank>" (the kernel's process
+name, 15 characters: `top`, `ps -o comm`, `pgrep`), and, where the setproctitle package is
+installed, shows "phalanx zygote (for pid 1234: python train.py)" or "phalanx rank 3 (for pid
+1234: python train.py)" as its command line (`ps aux`, `ps -o args`, `pgrep -f`).
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import dataclasses
 import errno
 import functools
 import gc
 import importlib
+import multiprocessing
 import os
 import resource
 import selectors
@@ -57,13 +65,16 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from phalanx.runners.channel import FrameReader, decode, encode, recv_exactly, write_frame
 from phalanx import variables
+from phalanx.environment import detect_environment
 from phalanx.errors import LaunchError
+from phalanx.runners.channel import FrameReader, decode, encode, recv_exactly, write_frame
+from phalanx.runners.worker import run_rank
 
 __all__ = ["Zygote", "check_limits", "get_zygote", "helper_pids", "prestart"]
 
@@ -77,6 +88,7 @@ _CALLER_FDS_PER_JOB = 16
 
 _lock = threading.Lock()
 _zygote: Zygote | None = None
+_COMMAND_IN_TITLE = 120  # characters of the caller's command line shown in the zygote's and workers' titles
 
 
 def _thread_count() -> int:
@@ -93,8 +105,6 @@ def _cuda_initialised() -> bool:
 
 @functools.cache
 def _prctl():
-    import ctypes
-
     return ctypes.CDLL(None, use_errno=True).prctl  # looked up once, in the zygote: workers inherit it
 
 
@@ -104,6 +114,38 @@ def _set_parent_death_signal(signum: int) -> None:
         return
     pr_set_pdeathsig = 1
     _prctl()(pr_set_pdeathsig, signum, 0, 0, 0)
+
+
+def _name_process(name: str, title: str) -> None:
+    """Show `name` as the process's name (Linux: `top`, `ps -o comm`) and `title` as its command line.
+
+    `name` is cut to the kernel's 15 characters. The command line changes only where the
+    setproctitle package was imported (by the zygote, see `_serve`): without it, `ps aux` still
+    shows the caller's. A few microseconds either way, so every worker renames itself.
+    """
+    setproctitle = sys.modules.get("setproctitle")
+    if setproctitle is not None:
+        setproctitle.setproctitle(title)  # on Linux it also sets the name, to the title's start: set below
+    if sys.platform.startswith("linux"):
+        pr_set_name = 15
+        _prctl()(pr_set_name, name.encode()[:15], 0, 0, 0)
+
+
+def _rank_name(rank: int) -> str:
+    """A worker's process name: "phalanx-rank-3", or "phalanx-r1234" where that would not fit in 15 characters."""
+    name = f"phalanx-rank-{rank}"
+    return name if len(name) <= 15 else f"phalanx-r{rank}"
+
+
+def _command_of(pid: int) -> str:
+    """The command line of process `pid`, on one line and cut to `_COMMAND_IN_TITLE` characters ("" if unknown)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            arguments = file.read().decode(errors="replace").split("\0")
+    except OSError:  # no procfs (macOS), or the caller is gone already
+        return ""
+    command = " ".join(" ".join(arguments).split())
+    return command if len(command) <= _COMMAND_IN_TITLE else command[: _COMMAND_IN_TITLE - 3] + "..."
 
 
 def _open_descriptor_count() -> int | None:
@@ -309,10 +351,8 @@ def _fork_zygote() -> Zygote | None:
 
 def _exec_zygote() -> Zygote:
     """Start a fresh interpreter that imports torch and phalanx once, then serves."""
-    import phalanx
-
     ours, theirs = socket.socketpair()
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(phalanx.__file__)))
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above phalanx/
     env = dict(os.environ)
     env[variables.ROLE] = "zygote"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
@@ -350,8 +390,6 @@ def prestart() -> None:
     global _zygote
     if os.environ.get(variables.ROLE) or not _fork_is_allowed() or _launched_externally():
         return
-    import multiprocessing
-
     if multiprocessing.parent_process() is not None:
         return
     with _lock:
@@ -361,8 +399,6 @@ def prestart() -> None:
 
 def _launched_externally() -> bool:
     """True inside a rank that torchrun, srun or mpirun started: it joins, it does not launch."""
-    from phalanx.environment import detect_environment
-
     return detect_environment() is not None
 
 
@@ -550,9 +586,10 @@ def _fork_refusal(rank: int, index: int, count: int, error: OSError) -> str:
 class _Server:
     """The zygote's event loop: jobs in, workers out, exits reported."""
 
-    def __init__(self, control_fd: int, inherited: frozenset[int] = frozenset()) -> None:
+    def __init__(self, control_fd: int, inherited: frozenset[int] = frozenset(), caller: str = "") -> None:
         self.control = socket.socket(fileno=control_fd)
         self.inherited = inherited  # the caller's descriptor numbers, held for the workers
+        self.caller = caller  # "for pid 1234: python train.py", for the workers' titles
         self.selector = selectors.DefaultSelector()
         self.wakeup_read, wakeup_write = os.pipe()
         os.set_blocking(wakeup_write, False)
@@ -649,13 +686,11 @@ class _Server:
             os.dup2(null, 0)
             _close_other_descriptors({result_fd, *self.inherited})
             os.environ[variables.ROLE] = "worker"
-            from phalanx.runners.worker import run_rank
-
+            rank = rank_spec["rank"]
+            _name_process(_rank_name(rank), f"phalanx rank {rank} ({self.caller})")
             code = run_rank(header["job"], rank_spec, payload, result_fd)
         except BaseException:
             try:
-                import traceback
-
                 os.write(2, traceback.format_exc().encode())
             except BaseException:
                 pass
@@ -768,5 +803,13 @@ def _serve(control_fd: int, caller_pid: int) -> None:
     _forget_unfinished_imports()
     if os.getppid() != caller_pid:
         return
+    try:
+        # Optional, and imported here, not at `import phalanx`: the caller's own command line stays as it is.
+        import setproctitle  # noqa: F401  - what _name_process uses, here and in every worker
+    except ImportError:
+        pass
+    command = _command_of(caller_pid)
+    caller = f"for pid {caller_pid}: {command}" if command else f"for pid {caller_pid}"
+    _name_process("phalanx-zygote", f"phalanx zygote ({caller})")
     gc.freeze()  # see _import_all
-    _Server(control_fd, inherited).run()
+    _Server(control_fd, inherited, caller).run()
