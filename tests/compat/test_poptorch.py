@@ -16,6 +16,7 @@ import torch
 
 import phalanx as px
 from phalanx.compat import poptorch
+from tests.by_hand import run_by_hand
 from tests.namespaces import one_host
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -270,3 +271,35 @@ def test_a_process_id_that_disagrees_with_the_launch_is_an_error():
         px.WorkerError, match=r"configureProcessId\((\d), 2\) says rank \1 of 2, but this process is rank"
     ):
         px.launch(configure, platform=px.Platform(device="cpu", n_procs=2))
+
+
+# A process started by hand that states its place, then reports what its own code sees.
+STATED_BY_HAND = """
+import os, sys
+import phalanx as px
+from phalanx.compat import poptorch
+from phalanx.compat import _process_group
+
+opts = poptorch.Options()
+opts.Distributed.configureProcessId(int(sys.argv[1]), 2)
+place = [os.environ.get(name) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")]
+print(
+    f"process {px.get_rank()} of {px.get_world_size()}: {type(_process_group._held.platform.environment).__name__}, "
+    f"variables {place}, torchelastic {'TORCHELASTIC_RUN_ID' in os.environ}, sum {px.all_reduce(1, op='sum')}",
+    flush=True,
+)
+"""
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(100)
+def test_processes_started_by_hand_join_their_stated_place_not_a_fake_torchrun(tmp_path):
+    results = run_by_hand(STATED_BY_HAND, tmp_path)
+    for process_id, (code, out, err) in enumerate(results):
+        assert code == 0, out + err
+        # RANK and the others hold while the script's own code runs (the launch is held open);
+        # nothing claims a torchrun that never ran.
+        variables = [str(process_id), str(process_id), "2", "2"]
+        assert f"process {process_id} of 2: Explicit, variables {variables}, torchelastic False, sum 2" in out, (
+            out + err
+        )

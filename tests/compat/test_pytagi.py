@@ -15,6 +15,7 @@ import torch
 
 import phalanx as px
 from phalanx.compat.pytagi import DDPConfig, DDPSequential
+from tests.by_hand import run_by_hand
 
 CPU2 = px.Platform(device="cpu", n_procs=2)
 
@@ -168,3 +169,45 @@ def test_the_migration_page_script_under_mpirun_trains_identical_replicas(tmp_pa
 def test_a_model_that_is_not_a_torch_module_is_refused():
     with pytest.raises(TypeError, match=r"needs a torch\.nn\.Module"):
         DDPSequential(copy.copy, DDPConfig([0], device="cpu"))
+
+
+# A rank started by hand: it states its place in DDPConfig, trains, and reports what its own code sees.
+STATED_BY_HAND = """
+import hashlib, os, sys
+import numpy as np
+import torch
+import phalanx as px
+from phalanx.compat.pytagi import DDPConfig, DDPSequential
+
+rank = int(sys.argv[1])
+torch.manual_seed(100 + rank)  # different initial weights: DDP must make them equal
+model = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+ddp_model = DDPSequential(model, DDPConfig([0, 1], "gloo", rank=rank, world_size=2, device="cpu"))
+ddp_model.train()
+for step in range(3):
+    ddp_model(np.full((4, 1), float(rank + step + 1), dtype=np.float32))
+    ddp_model.backward(ddp_model.output_z_buffer.pow(2).mean())
+    ddp_model.step()
+weights = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()[:16]
+place = [os.environ.get(name) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")]
+print(
+    f"rank {px.get_rank()} of {px.get_world_size()}: weights {weights}, variables {place}, "
+    f"torchelastic {'TORCHELASTIC_RUN_ID' in os.environ}",
+    flush=True,
+)
+"""
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(100)
+def test_ranks_started_by_hand_meet_through_their_config_and_keep_their_place_while_training(tmp_path):
+    results = run_by_hand(STATED_BY_HAND, tmp_path)
+    reports = {}
+    for rank, (code, out, err) in enumerate(results):
+        assert code == 0, out + err
+        found = re.search(rf"rank {rank} of 2: weights (\w+), variables (.*), torchelastic (\w+)", out)
+        assert found, out + err
+        reports[rank] = found.groups()
+        assert found.group(2) == str([str(rank), str(rank), "2", "29500"])  # the launch's, held while the script runs
+        assert found.group(3) == "False"  # joined as stated, not as a torchrun that never ran
+    assert reports[0][0] == reports[1][0]  # DDP kept the replicas identical

@@ -9,10 +9,12 @@ the group meanwhile: torch's default group belongs to the process, not to a thre
 Who started the process decides how the ranks meet, always through `px.launch`:
 - inside a launch already (or `phalanx run`): the group exists; the stated place is checked;
 - under mpirun, srun or torchrun: phalanx joins the launcher's processes;
-- started by hand (a `multiprocessing` loop, two terminals): the place is written into the
-  variables of torch's env:// convention, as torchrun writes them, and phalanx joins those.
-  Without MASTER_ADDR/MASTER_PORT they meet at 127.0.0.1:29500 (torchrun's default port);
-  a rank whose rank 0 never shows up there fails within `Platform.connect_timeout`.
+- started by hand (a `multiprocessing` loop, two terminals): the stated place becomes an
+  `Explicit` environment, `Platform(environment=Explicit(rank, world_size))`, and the launch
+  joins it; nothing is written into os.environ beyond what every rank gets for the duration
+  of the launch (RANK, LOCAL_RANK, WORLD_SIZE, ...). Without MASTER_ADDR/MASTER_PORT they
+  meet at 127.0.0.1:29500 (torchrun's default port); a rank whose rank 0 never shows up
+  there fails within `Platform.connect_timeout`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import weakref
 from collections.abc import Callable
 
 import phalanx as px
+from phalanx import variables
+from phalanx.environment import Explicit
 
 __all__ = ["before_leaving", "join"]
 
@@ -37,7 +41,7 @@ _EXIT_WAIT_SECONDS = 30.0
 # Where processes started by hand meet when MASTER_PORT is not set: torchrun's default port,
 # the same in every terminal (a port derived from the parent process would differ between
 # two terminals, and each process would wait for the other at its own port).
-DEFAULT_MASTER_PORT = 29500
+DEFAULT_MASTER_PORT = Explicit.DEFAULT_PORT
 
 
 class _HeldLaunch:
@@ -88,19 +92,18 @@ def before_leaving(method: Callable[[], None]) -> None:
     _leaving.append(weakref.WeakMethod(method))
 
 
-def _write_place(rank: int, world_size: int) -> None:
-    """torch's env:// variables, as torchrun sets them; MASTER_ADDR/MASTER_PORT win if given."""
-    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=os.environ.get("LOCAL_RANK", str(rank % local_world_size)),
-        LOCAL_WORLD_SIZE=str(local_world_size),
-        GROUP_RANK=str(rank // local_world_size),
-        MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-        MASTER_PORT=os.environ.get("MASTER_PORT", str(DEFAULT_MASTER_PORT)),
-        TORCHELASTIC_RUN_ID=os.environ.get("TORCHELASTIC_RUN_ID", "phalanx-compat"),
-    )
+def _stated_by_hand(rank: int, world_size: int) -> Explicit:
+    """The place of a process started by hand; LOCAL_WORLD_SIZE and LOCAL_RANK, set by hand, say its node's share."""
+    local: dict[str, int] = {}
+    for name, key in ((variables.LOCAL_WORLD_SIZE, "local_world_size"), (variables.LOCAL_RANK, "local_rank")):
+        if name in os.environ:
+            try:
+                local[key] = int(os.environ[name])
+            except ValueError:
+                raise px.PlatformError(
+                    key, os.environ[name], "it must be a whole number", f"Set {name} to one, or unset it.", "Explicit"
+                ) from None
+    return Explicit(rank, world_size, **local)
 
 
 def join(rank: int, world_size: int, platform: Callable[[], px.Platform], stated: str) -> None:
@@ -126,17 +129,18 @@ def join(rank: int, world_size: int, platform: Callable[[], px.Platform], stated
             )
         if px.is_distributed() or _held is not None or world_size == 1:
             return
+        environment = None  # the launcher's: detected
     elif world_size == 1:
         return
     else:
-        _write_place(rank, world_size)
+        environment = _stated_by_hand(rank, world_size)
     # DDP's first construction imports torch.distributed.fsdp, and that import, made while a
     # group exists, keeps the group alive after destroy_process_group (torch 2.13): its
     # threads then outlive the launch and one may touch Python while the interpreter
     # finalises, which aborts the process. Imported before the group exists, it holds nothing.
     import torch.distributed.fsdp  # noqa: F401
 
-    held = _HeldLaunch(dataclasses.replace(platform(), cluster="env"))
+    held = _HeldLaunch(dataclasses.replace(platform(), cluster="env", environment=environment))
     held.thread.start()
     held.joined.wait()
     if held.error is not None:

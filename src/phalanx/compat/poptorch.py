@@ -11,7 +11,8 @@
         output, loss = model(data, labels)                           # forward, backward, step
 
 The processes meet through `px.launch` (see `phalanx.compat._process_group`): under mpirun,
-srun or torchrun, inside a launch, or started by hand from Python. There are no IPUs: the
+srun or torchrun, inside a launch, or started by hand from Python, where the stated place
+becomes `Platform(environment=Explicit(process_id, num_processes))`. There are no IPUs: the
 IPU settings map onto torch as the migration page explains (docs/migration/poptorch.md), and
 the IPU-only classes (`distributed.VirtualIpuManager`, `distributed.Partition`) raise
 `IpuNotSupportedError` saying what to use instead.

@@ -16,7 +16,8 @@ takes a loss, or the gradient of one with respect to the output (`input_delta_z_
 averages (or sums, `average=False`) the gradients over the ranks through DDP; `step` runs the
 optimizer (SGD with lr=0.01 unless one is given). Variances: a torch network is deterministic,
 so the output variance is zero. The processes meet through `px.launch` (see
-`phalanx.compat._process_group`): under mpirun, inside a launch, or started by hand.
+`phalanx.compat._process_group`): under mpirun, inside a launch, or started by hand, where
+the config's place becomes `Platform(environment=Explicit(rank, world_size))`.
 """
 
 from __future__ import annotations
