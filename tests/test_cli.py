@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+import torch
 
 import phalanx as px
+from phalanx import arguments, cli
+
+SOURCE = Path(px.__file__).resolve().parent
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -122,3 +128,97 @@ def test_platform_from_args_runs_a_launch():
     px.add_platform_arguments(parser)
     args = parser.parse_args(["--nproc-per-node", "2", "--device", "cpu"])
     assert px.launch(px.get_rank, platform=px.Platform.from_args(args)) == [0, 1]
+
+
+# -- --distributed: pystematic's switch -----------------------------------------------------------
+
+
+def _parsed(*options: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    px.add_platform_arguments(parser)
+    return parser.parse_args(list(options))
+
+
+@pytest.fixture
+def four_gpus(monkeypatch):
+    """Make torch report four CUDA devices and nccl (nothing touches them: platforms are only resolved)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+
+
+def test_without_distributed_or_a_count_one_process_runs_as_with_torchrun_and_pystematic(four_gpus):
+    assert px.Platform.from_args(_parsed("--device", "gpu")).resolve().n_procs == 1
+    assert px.Platform.from_args(_parsed()).resolve().n_procs == 1  # auto: cuda here
+
+
+def test_distributed_without_a_count_runs_one_rank_per_visible_gpu(four_gpus):
+    assert px.Platform.from_args(_parsed("--distributed", "--device", "gpu")).resolve().n_procs == 4
+    assert px.Platform.from_args(_parsed("--distributed", "--cuda")).resolve().n_procs == 4
+    assert px.Platform.from_args(_parsed("--distributed")).resolve().n_procs == 4  # auto: cuda here
+
+
+def test_nproc_per_node_wins_with_or_without_distributed(four_gpus):
+    assert px.Platform.from_args(_parsed("--distributed", "--nproc-per-node", "2", "--device", "gpu")).n_procs == 2
+    assert px.Platform.from_args(_parsed("--nproc-per-node", "3", "--device", "cpu")).n_procs == 3
+
+
+def test_distributed_on_cpu_without_a_count_is_refused_naming_the_fix():
+    with pytest.raises(px.PlatformError, match=r"--distributed.*cpu.*Give --nproc-per-node N"):
+        px.Platform.from_args(_parsed("--distributed", "--device", "cpu"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto means cpu only on a machine without a GPU")
+def test_distributed_where_auto_means_cpu_is_refused_too():
+    with pytest.raises(px.PlatformError, match="--nproc-per-node"):
+        px.Platform.from_args(_parsed("--distributed"))
+
+
+def test_phalanx_run_distributed_on_cpu_exits_2_with_the_fix(script):
+    result = phalanx("run", "--distributed", "--device", "cpu", script)
+    assert result.returncode == 2
+    assert "--distributed" in result.stderr and "Give --nproc-per-node N" in result.stderr
+
+
+def test_under_a_launcher_its_process_count_stands(monkeypatch):
+    for name, value in {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "4")
+    assert px.Platform.from_args(_parsed("--device", "cpu")).n_procs is None  # mpirun's 4, not 1
+    assert px.Platform.from_args(_parsed("--distributed", "--device", "cpu")).n_procs is None
+    assert px.Platform.from_args(_parsed("--cluster", "env", "--device", "cpu")).n_procs is None
+
+
+def test_help_says_what_distributed_does():
+    result = phalanx("run", "--help")
+    assert "one rank per visible GPU instead of one" in " ".join(result.stdout.split())
+
+
+# -- where the options live -----------------------------------------------------------------------
+
+
+def test_the_options_and_platform_from_args_are_the_same_from_every_import_path():
+    assert px.add_platform_arguments is cli.add_platform_arguments is arguments.add_platform_arguments
+    args = _parsed("--nproc-per-node", "2", "--device", "cpu", "--seed", "3")
+    assert cli.platform_from_args(args) == px.Platform.from_args(args)
+
+
+@pytest.mark.parametrize("module", ["arguments", "cli", "devices", "dist", "platform", "wrapper"])
+def test_phalanx_is_imported_at_module_top_only(module):
+    """Imports inside functions hid an import circle (platform -> cli -> launch -> platform)."""
+    tree = ast.parse((SOURCE / f"{module}.py").read_text())
+    inner = [
+        f"line {node.lineno}"
+        for function in ast.walk(tree)
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for node in ast.walk(function)
+        if (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("phalanx"))
+        or (isinstance(node, ast.Import) and any(alias.name.startswith("phalanx") for alias in node.names))
+    ]
+    assert not inner, f"phalanx/{module}.py imports phalanx inside a function at {inner}"
+
+
+def test_the_options_module_imports_neither_platform_nor_cli_nor_launch():
+    tree = ast.parse((SOURCE / "arguments.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"phalanx.platform", "phalanx.cli", "phalanx.launch"}

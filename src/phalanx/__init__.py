@@ -35,7 +35,7 @@ from phalanx.errors import (
     WorkerError,
 )
 from phalanx.launch import launch, submit
-from phalanx.platform import Platform
+from phalanx.platform import Platform, SlurmOptions
 from phalanx.recorder import Recorder
 from phalanx.seeding import seed_everything
 from phalanx.sweep import SweepResult, sweep
@@ -56,6 +56,7 @@ __all__ = [
     "Recorder",
     "SerializationError",
     "ShardedLoader",
+    "SlurmOptions",
     "SweepResult",
     "UntrustedFileError",
     "WorkerError",

@@ -1,7 +1,7 @@
 """The `phalanx` command: `phalanx run` starts a script on N ranks, `phalanx env` reports the setup.
 
 phalanx run --nproc-per-node 2 train.py --epochs 3
-phalanx run --device gpu -m mypackage.train
+phalanx run --device gpu --distributed -m mypackage.train    # one rank per visible GPU
 phalanx env
 phalanx secret          # a new job secret, for PHALANX_JOB_SECRET on every node of one job
 """
@@ -16,90 +16,26 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import Any
 
+import torch
+import torch.distributed as dist
+
+import phalanx
 from phalanx import variables
+from phalanx.arguments import add_platform_arguments
+from phalanx.devices import available_device_types, usable_cores
+from phalanx.environment import detect_environment
+from phalanx.errors import PhalanxError, WorkerError
 from phalanx.job_secret import new_secret
+from phalanx.launch import launch
+from phalanx.platform import Platform
 
 __all__ = ["add_platform_arguments", "main", "platform_from_args"]
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def add_platform_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """Add the platform options (torchrun's and pystematic's names) to a script's own parser.
-
-    Both spellings work (`--nproc-per-node` and `--nproc_per_node`). Build the platform with
-    `Platform.from_args(args)`; `args.checkpoint` is left for the script to load.
-
-    Example::
-
-        parser = argparse.ArgumentParser()
-        px.add_platform_arguments(parser)
-        args = parser.parse_args()
-        px.launch(train, args, platform=px.Platform.from_args(args))
-    """
-    group = parser.add_argument_group("platform", "where and how the ranks run (see phalanx.Platform)")
-    group.add_argument(
-        "--nproc-per-node", "--nproc_per_node", dest="nproc_per_node", type=_positive, default=None,
-        help="processes (ranks) per node; default: every visible GPU for gpu, else 1",
-    )  # fmt: skip
-    group.add_argument("--nnodes", type=_positive, default=1, help="number of nodes (default 1)")
-    group.add_argument(
-        "--node-rank", "--node_rank", dest="node_rank", type=int, default=0, help="this node's index (default 0)"
-    )
-    group.add_argument(
-        "--master-addr", "--master_addr", dest="master_addr", default="127.0.0.1",
-        help="node 0's address, where the ranks meet (default 127.0.0.1)",
-    )  # fmt: skip
-    group.add_argument(
-        "--master-port", "--master_port", dest="master_port", type=int, default=None,
-        help="port on node 0 (default: a free one; required with --nnodes > 1)",
-    )  # fmt: skip
-    group.add_argument("--device", default=None, help="auto, cpu, gpu/cuda, mps, xpu (default auto)")
-    group.add_argument("--cuda", action="store_true", help="pystematic's switch: same as --device cuda")
-    group.add_argument(
-        "--distributed", action="store_true",
-        help="pystematic's switch: one rank per visible GPU unless --nproc-per-node says otherwise",
-    )  # fmt: skip
-    group.add_argument("--backend", default=None, help="process-group backend (default: the device's)")
-    group.add_argument("--timeout", type=float, default=None, help="collective timeout in seconds")
-    group.add_argument("--seed", type=int, default=None, help="seed every rank with this value")
-    group.add_argument("--cluster", default="auto", choices=["auto", "local", "env", "slurm"])
-    group.add_argument("--checkpoint", default=None, help="a checkpoint for the script to resume from")
-    return group
-
-
-def platform_from_args(args: argparse.Namespace) -> Any:
-    """The `Platform` that the options of `add_platform_arguments` describe."""
-    from phalanx.platform import Platform
-
-    device = args.device or ("cuda" if getattr(args, "cuda", False) else "auto")
-    n_procs = args.nproc_per_node
-    if n_procs is None and not getattr(args, "distributed", False) and device in ("auto", "cuda", "gpu"):
-        n_procs = None  # every visible GPU for cuda, 1 otherwise: Platform's own default
-    return Platform(
-        device=device,
-        n_procs=n_procs,
-        n_nodes=args.nnodes,
-        node_rank=args.node_rank,
-        master_addr=args.master_addr,
-        master_port=args.master_port,
-        backend=args.backend,
-        timeout=args.timeout,
-        seed=args.seed,
-        cluster=args.cluster,
-        console_logs=not getattr(args, "quiet", False),
-        rank_prefix=not getattr(args, "no_prefix", False),
-    )
+def platform_from_args(args: argparse.Namespace) -> Platform:
+    """The `Platform` that the options of `add_platform_arguments` describe (`Platform.from_args`)."""
+    return Platform.from_args(args)
 
 
 def _run_main(target: str, is_module: bool, argv: list[str]) -> None:
@@ -118,9 +54,6 @@ def _run_main(target: str, is_module: bool, argv: list[str]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from phalanx.errors import PhalanxError, WorkerError
-    from phalanx.launch import launch
-
     if args.module is None and not args.script:
         print("phalanx run: error: give a script (train.py) or a module (-m package.module)", file=sys.stderr)
         return 2
@@ -158,13 +91,6 @@ def _command_version(command: list[str]) -> str:
 
 def environment_report() -> str:
     """Versions, devices, backends and the detected cluster: what a bug report needs."""
-    import torch
-    import torch.distributed as dist
-
-    import phalanx
-    from phalanx.environment import detect_environment
-    from phalanx.platform import available_device_types
-
     lines = [
         f"phalanx      {phalanx.__version__}",
         f"torch        {torch.__version__}",
@@ -185,7 +111,7 @@ def environment_report() -> str:
         f"mpi          {_command_version(['mpirun', '--version'])}",
         f"slurm        {_command_version(['sinfo', '--version'])}",
         f"cluster      {environment.describe() if environment else 'none detected: launch starts the ranks here'}",
-        f"cpus         {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}",
+        f"cpus         {usable_cores()}",
     ]
     return "\n".join(lines)
 

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 
 from phalanx import variables
+from phalanx.devices import default_device_type, rank_device
+from phalanx.environment import Environment, detect_environment
 from phalanx.rank_state import current_place, on_rank_finish
 
 __all__ = [
@@ -54,10 +56,8 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _launcher():
+def _launcher() -> Environment | None:
     """The launcher that started this process (srun, mpirun, ...), for answers outside a group."""
-    from phalanx.environment import detect_environment
-
     return detect_environment()
 
 
@@ -116,12 +116,7 @@ def device() -> torch.device:
     place = current_place()
     if place is not None:
         return place.device
-    from phalanx.platform import default_device_type
-
-    kind = default_device_type()
-    if kind in ("cpu", "mps"):
-        return torch.device(kind)
-    return torch.device(kind, get_local_rank() % max(1, getattr(torch, kind).device_count()))
+    return rank_device(default_device_type(), get_local_rank())
 
 
 def barrier() -> None:

@@ -2,95 +2,160 @@
 
 A `Platform` is a frozen record. `resolve()` fills in what "auto" and the defaults mean on
 this machine (device, process count, backend, threads per process) and returns a new one;
-the runners only ever see resolved platforms.
+the runners only ever see resolved platforms. What a job submitted to SLURM asks for is one
+more frozen record, `SlurmOptions`, in `Platform.slurm`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
-import os
+import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import torch
 
+from phalanx.arguments import platform_keywords
+from phalanx.devices import (
+    BACKEND_DEVICES,
+    DEFAULT_BACKENDS,
+    DEVICE_ALIASES,
+    available_device_types,
+    backend_available,
+    default_device_type,
+    device_count,
+    device_type_exists,
+    is_available,
+    usable_cores,
+)
 from phalanx.environment import Environment
 from phalanx.errors import PlatformError
 
-__all__ = ["Platform", "available_device_types", "default_device_type"]
+__all__ = ["Platform", "SlurmOptions", "available_device_types", "default_device_type"]
 
 CLUSTERS = ("auto", "local", "env", "slurm")
-# Which process-group backend suits which device type, and which device types a backend serves.
-DEFAULT_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "xpu": "xccl", "mps": "gloo", "hpu": "hccl"}
-BACKEND_DEVICES = {
-    "gloo": {"cpu", "cuda", "mps"},
-    "nccl": {"cuda"},
-    "mpi": {"cpu", "cuda"},
-    "ucc": {"cpu", "cuda"},
-    "xccl": {"xpu"},
-    "hccl": {"hpu"},
-}
-_DEVICE_ALIASES = {"gpu": "cuda"}
-
-
-def _device_type_exists(name: str) -> bool:
-    try:
-        torch.device(name)
-    except (RuntimeError, ValueError):
-        return False
-    return True
-
-
-def _is_available(device_type: str) -> bool:
-    if device_type == "cpu":
-        return True
-    if device_type == "mps":
-        return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
-    module = getattr(torch, device_type, None)
-    is_available = getattr(module, "is_available", None)
-    return bool(is_available and is_available())
-
-
-def _device_count(device_type: str) -> int:
-    if device_type in ("cpu", "mps"):
-        return 1
-    module = getattr(torch, device_type, None)
-    count = getattr(module, "device_count", None)
-    return int(count()) if count else 1
-
-
-def _usable_cores() -> int:
-    """Cores this process may run on (its affinity mask), not every core of the machine."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def available_device_types() -> list[str]:
-    """The accelerator types usable here, best first, always ending with "cpu"."""
-    return [name for name in ("cuda", "mps", "xpu") if _is_available(name)] + ["cpu"]
-
-
-def default_device_type() -> str:
-    """What device="auto" means here: cuda, then mps, then xpu, then cpu."""
-    return available_device_types()[0]
-
-
-def _backend_available(backend: str) -> bool:
-    import torch.distributed as dist
-
-    check = getattr(dist, f"is_{backend}_available", None)
-    if check is not None:
-        return bool(check())
-    return backend.upper() in getattr(dist.Backend, "backend_list", []) or backend in getattr(
-        dist.Backend, "backend_list", []
-    )
+# SLURM's time formats: minutes, MM:SS, HH:MM:SS, and with days D-HH, D-HH:MM, D-HH:MM:SS.
+_SLURM_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+_SLURM_TIME_FORMATS = "'MM', 'MM:SS', 'HH:MM:SS', 'D-HH', 'D-HH:MM' or 'D-HH:MM:SS'"
 
 
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _slurm_seconds(time: str) -> int | None:
+    """Seconds in a SLURM time string, or None when it is not one of SLURM's formats."""
+    match = _SLURM_TIME.fullmatch(time.strip())
+    if match is None:
+        return None
+    days, first, second, third = (int(part) if part else 0 for part in match.groups())
+    if match.group(1) is not None:  # D-HH[:MM[:SS]]
+        return days * 86400 + first * 3600 + second * 60 + third
+    if match.group(4) is not None:  # HH:MM:SS
+        return first * 3600 + second * 60 + third
+    return first * 60 + second  # MM or MM:SS
+
+
+def _check_slurm_option(name: str, value: object, owner: str) -> None:
+    """Raise `PlatformError` (as `owner(name=value)`) for a SLURM option that sbatch cannot take."""
+    if name in ("partition", "account", "qos"):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise PlatformError(name, value, f"it must be the name of a SLURM {name} (a string), or None", owner=owner)
+    elif name == "time":
+        if value is None or (_is_count(value) and value > 0):
+            return
+        if not isinstance(value, str) or not _slurm_seconds(value):
+            raise PlatformError(
+                name, value, f"it must be minutes (a whole number of at least 1) or {_SLURM_TIME_FORMATS}", owner=owner
+            )
+    elif name == "ram":
+        if value is not None and not ((_is_count(value) and value > 0) or isinstance(value, str)):
+            raise PlatformError(
+                name, value, "it must be gigabytes (a whole number) or a string such as '16G'", owner=owner
+            )
+    elif name == "slurm_additional_parameters":
+        if value is not None and not isinstance(value, dict):
+            raise PlatformError(name, value, "it must be a dict of sbatch options", owner=owner)
+    elif name == "requeue" and not isinstance(value, bool):
+        raise PlatformError(name, value, "it must be True or False", owner=owner)
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """What `cluster="slurm"` asks of SLURM for the job: partition, time, memory, account.
+
+    `Platform` keeps them in its `slurm` field, and takes them by their own names too (DDPW's):
+    `Platform(partition="gpu")` is `Platform(slurm=SlurmOptions(partition="gpu"))`. Bad values
+    raise `PlatformError` at construction, naming the field.
+
+    `time` is minutes, or one of SLURM's formats ("HH:MM:SS", "D-HH:MM:SS", ...; 60 minutes
+    when unset); `ram` is gigabytes, or a string for sbatch's `--mem` such as "16G";
+    `slurm_additional_parameters` holds any other sbatch option; `requeue` requeues the job
+    when SLURM preempts it or its time runs out.
+
+    Example::
+
+        slurm = SlurmOptions(partition="gpu", time="2:00:00", ram="64G", account="lab")
+        Platform(device="gpu", n_procs=4, cluster="slurm", slurm=slurm)
+    """
+
+    partition: str | None = None
+    time: int | str | None = None
+    ram: int | str | None = None
+    account: str | None = None
+    qos: str | None = None
+    slurm_additional_parameters: dict[str, Any] | None = field(default=None, hash=False)
+    requeue: bool = False
+
+    def __post_init__(self) -> None:
+        for option in dataclasses.fields(self):
+            _check_slurm_option(option.name, getattr(self, option.name), owner="SlurmOptions")
+
+    @property
+    def minutes(self) -> int:
+        """The time limit in whole minutes, rounded up (60 when `time` is unset)."""
+        if self.time is None:
+            return 60
+        if isinstance(self.time, int):
+            return self.time
+        return math.ceil(_slurm_seconds(self.time) / 60)
+
+
+_SLURM_OPTIONS = tuple(option.name for option in dataclasses.fields(SlurmOptions))
+_SLURM_DEFAULTS = SlurmOptions()
+
+
+def _merge_slurm(slurm: object, given: dict[str, Any]) -> object:
+    """`slurm` with the options given by their own names (`Platform(partition=...)`) filled in.
+
+    A name that `slurm` sets to another value is refused: there is no telling which one was meant.
+    """
+    for name, value in given.items():
+        _check_slurm_option(name, value, owner="Platform")
+    if not isinstance(slurm, SlurmOptions):
+        return slurm  # __post_init__ refuses it, naming the field
+    for name, value in given.items():
+        theirs = getattr(slurm, name)
+        if theirs != getattr(_SLURM_DEFAULTS, name) and theirs != value:
+            raise PlatformError(
+                name,
+                value,
+                f"slurm=SlurmOptions(...) gives {name}={theirs!r}",
+                f"Give {name} once, by its name or in slurm=SlurmOptions(...); to change it on a platform p: "
+                f"dataclasses.replace(p, slurm=dataclasses.replace(p.slurm, {name}=...)).",
+            )
+    return dataclasses.replace(slurm, **given)
+
+
+def _slurm_option_property(name: str) -> property:
+    return property(
+        lambda platform: getattr(platform.slurm, name),
+        doc=f"`slurm.{name}`: the SLURM option, by the name `Platform({name}=...)` takes.",
+    )
 
 
 @dataclass(frozen=True)
@@ -100,10 +165,15 @@ class Platform:
     Change only this to move a job from one CPU process to several, to every GPU, to a
     cluster. Bad values raise `PlatformError` at construction, naming the field.
 
+    What `cluster="slurm"` asks of SLURM is in `slurm`, a `SlurmOptions`; its fields are also
+    taken by their own names, DDPW's (`partition`, `time`, `ram`, `account`, `qos`,
+    `slurm_additional_parameters`, `requeue`), and read back the same way (`platform.partition`).
+
     Example::
 
         Platform(device="cpu", n_procs=4)
         Platform(device="gpu")                 # one process per visible GPU
+        Platform(device="gpu", cluster="slurm", partition="gpu", time="1:00:00")
     """
 
     device: str = "auto"
@@ -119,13 +189,7 @@ class Platform:
     seed: int | None = None
     max_restarts: int = 0
     cluster: str = "auto"
-    partition: str | None = None
-    time: int | str | None = None
-    ram: int | str | None = None
-    account: str | None = None
-    qos: str | None = None
-    slurm_additional_parameters: dict[str, Any] | None = field(default=None, hash=False)
-    requeue: bool = False
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
     log_dir: str = "phalanx_logs"
     console_logs: bool = True
     rank_prefix: bool = True
@@ -150,7 +214,7 @@ class Platform:
             device = device.type if device.index is None else str(device)
         if not isinstance(device, str) or not device:
             raise PlatformError("device", self.device, "it must be a device type name such as 'cpu'")
-        name = _DEVICE_ALIASES.get(device.strip().lower(), device.strip().lower())
+        name = DEVICE_ALIASES.get(device.strip().lower(), device.strip().lower())
         if ":" in name:
             raise PlatformError(
                 "device",
@@ -158,7 +222,7 @@ class Platform:
                 "a device type is expected, without an index: each rank gets its own index",
                 "Use device='cuda' and choose GPUs with CUDA_VISIBLE_DEVICES.",
             )
-        if name != "auto" and not _device_type_exists(name):
+        if name != "auto" and not device_type_exists(name):
             raise PlatformError(
                 "device",
                 self.device,
@@ -167,7 +231,7 @@ class Platform:
         if self.cluster == "slurm" or name == "auto":
             self._set("device", name)
             return
-        if not _is_available(name):
+        if not is_available(name):
             raise PlatformError(
                 "device",
                 self.device,
@@ -247,7 +311,7 @@ class Platform:
         backend = backend.lower()
         self._set("backend", backend)
         known = sorted(BACKEND_DEVICES)
-        if backend not in BACKEND_DEVICES and not _backend_available(backend):
+        if backend not in BACKEND_DEVICES and not backend_available(backend):
             raise PlatformError("backend", backend, f"known backends are {', '.join(known)}")
         devices = BACKEND_DEVICES.get(backend)
         if devices is not None and self.device != "auto" and self.device not in devices:
@@ -257,7 +321,7 @@ class Platform:
                 f"{backend} does not serve device {self.device!r} (it serves {', '.join(sorted(devices))})",
                 f"Use backend={DEFAULT_BACKENDS.get(self.device, 'gloo')!r} or leave it unset.",
             )
-        if self.cluster != "slurm" and not _backend_available(backend):
+        if self.cluster != "slurm" and not backend_available(backend):
             raise PlatformError(
                 "backend",
                 backend,
@@ -285,20 +349,17 @@ class Platform:
         self._validate_seconds("connect_timeout", optional=False)
         if self.seed is not None and not _is_count(self.seed):
             raise PlatformError("seed", self.seed, "it must be a whole number or None")
-        for name in ("requeue", "console_logs", "rank_prefix"):
+        for name in ("console_logs", "rank_prefix"):
             if not isinstance(getattr(self, name), bool):
                 raise PlatformError(name, getattr(self, name), "it must be True or False")
-        if self.time is not None and not ((_is_count(self.time) and self.time > 0) or isinstance(self.time, str)):
-            raise PlatformError("time", self.time, "it must be minutes (a whole number) or 'HH:MM:SS'")
-        if self.ram is not None and not ((_is_count(self.ram) and self.ram > 0) or isinstance(self.ram, str)):
-            raise PlatformError("ram", self.ram, "it must be gigabytes (a whole number) or a string such as '16G'")
-        extra = self.slurm_additional_parameters
-        if extra is not None and not isinstance(extra, dict):
-            raise PlatformError("slurm_additional_parameters", extra, "it must be a dict of sbatch options")
+        if not isinstance(self.slurm, SlurmOptions):
+            raise PlatformError(
+                "slurm", self.slurm, "it must be a phalanx.SlurmOptions, such as SlurmOptions(partition='gpu')"
+            )
         if self.device not in ("auto", "cuda") or self.cluster == "slurm" or self.n_procs is None:
             return
         if self.device == "cuda" and self.backend in (None, "nccl"):
-            visible = _device_count("cuda")
+            visible = device_count("cuda")
             if self.n_procs > visible:
                 raise PlatformError(
                     "n_procs",
@@ -309,10 +370,24 @@ class Platform:
 
     @classmethod
     def from_args(cls, args: Any) -> Platform:
-        """The platform described by the options that `phalanx.add_platform_arguments` added."""
-        from phalanx.cli import platform_from_args
+        """The platform described by the options that `phalanx.add_platform_arguments` added.
 
-        return platform_from_args(args)
+        Example::
+
+            parser = argparse.ArgumentParser()
+            px.add_platform_arguments(parser)
+            platform = px.Platform.from_args(parser.parse_args(["--nproc-per-node", "2"]))
+        """
+        return cls(**platform_keywords(args))
+
+    # DDPW's names for the SLURM options, read from `slurm` (see `_accept_slurm_option_names`).
+    partition = _slurm_option_property("partition")
+    time = _slurm_option_property("time")
+    ram = _slurm_option_property("ram")
+    account = _slurm_option_property("account")
+    qos = _slurm_option_property("qos")
+    slurm_additional_parameters = _slurm_option_property("slurm_additional_parameters")
+    requeue = _slurm_option_property("requeue")
 
     # -- resolution -------------------------------------------------------------------------
 
@@ -342,19 +417,46 @@ class Platform:
         device = default_device_type() if self.device == "auto" else self.device
         n_procs = self.n_procs
         if n_procs is None:
-            n_procs = _device_count(device) if device in ("cuda", "xpu") else 1
+            n_procs = device_count(device) if device in ("cuda", "xpu") else 1
         n_cpus = self.n_cpus
         if n_cpus is None:
-            n_cpus = max(1, _usable_cores() // n_procs)
+            n_cpus = max(1, usable_cores() // n_procs)
         backend = self.backend or DEFAULT_BACKENDS.get(device, "gloo")
         cluster = "local" if self.cluster == "auto" else self.cluster
-        if device == "cuda" and backend == "nccl" and cluster != "slurm" and n_procs > _device_count("cuda"):
+        if device == "cuda" and backend == "nccl" and cluster != "slurm" and n_procs > device_count("cuda"):
             raise PlatformError(
                 "n_procs",
                 n_procs,
-                f"only {_device_count('cuda')} CUDA device(s) are visible and nccl needs one GPU per rank",
+                f"only {device_count('cuda')} CUDA device(s) are visible and nccl needs one GPU per rank",
                 "Lower n_procs, or share GPUs between ranks with backend='gloo'.",
             )
         return dataclasses.replace(
             self, device=device, n_procs=n_procs, n_gpus=None, n_cpus=n_cpus, backend=backend, cluster=cluster
         )
+
+
+def _accept_slurm_option_names(init: Any) -> Any:
+    """Make `Platform(partition=..., time=...)` mean `Platform(slurm=SlurmOptions(partition=..., ...))`.
+
+    The SLURM options are not fields of their own: `slurm` is the one place they live, so that
+    `dataclasses.replace(platform, n_procs=4)` or `replace(platform, slurm=...)` carries one
+    record, never two copies that could disagree.
+    """
+
+    @functools.wraps(init)
+    def __init__(self: Platform, *args: Any, **kwargs: Any) -> None:
+        given = {name: kwargs.pop(name) for name in _SLURM_OPTIONS if name in kwargs}
+        if given:
+            kwargs["slurm"] = _merge_slurm(kwargs.get("slurm", _SLURM_DEFAULTS), given)
+        init(self, *args, **kwargs)
+
+    signature = inspect.signature(init)
+    extra = [
+        inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=option.default, annotation=option.type)
+        for option in dataclasses.fields(SlurmOptions)
+    ]
+    __init__.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
+    return __init__
+
+
+Platform.__init__ = _accept_slurm_option_names(Platform.__init__)

@@ -10,6 +10,9 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import torch.distributed as dist
+
+from phalanx.dist import get_local_rank, get_rank
 from phalanx.launch import launch
 from phalanx.platform import Platform
 
@@ -17,10 +20,6 @@ __all__ = ["Wrapper", "wrapper"]
 
 
 def _ddpw_task(task: Callable[..., Any], args: Any) -> Any:
-    import torch.distributed as dist
-
-    from phalanx.dist import get_local_rank, get_rank
-
     return task(get_rank(), get_local_rank(), dist.group.WORLD, args)
 
 

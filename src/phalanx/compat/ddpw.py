@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
 import phalanx as px
+from phalanx.devices import device_count, is_available, rank_device
 
 __all__ = [
     "Device",
@@ -155,8 +156,8 @@ class Platform:
                 "Use device='cpu' (phalanx then runs n_gpus CPU ranks), or run where the device is.",
                 owner="ddpw Platform",
             )
-        if kind is Device.GPU and self.n_gpus > torch.cuda.device_count():
-            visible = torch.cuda.device_count()
+        if kind is Device.GPU and self.n_gpus > device_count("cuda"):
+            visible = device_count("cuda")
             raise px.PlatformError(
                 "n_gpus",
                 self.n_gpus,
@@ -224,12 +225,7 @@ def _check_groups(groups: list[list[int]] | None, world_size: int) -> None:
 
 
 def _available_kinds() -> set[str]:
-    kinds = set()
-    if torch.cuda.is_available():
-        kinds.add("gpu")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        kinds.add("mps")
-    return kinds
+    return {kind for kind, device_type in (("gpu", "cuda"), ("mps", "mps")) if is_available(device_type)}
 
 
 def _phalanx_platform(platform: Platform | px.Platform) -> px.Platform:
@@ -318,9 +314,10 @@ def has_batch_norm(module: torch.nn.Module) -> bool:
 
 
 def _target_device(kind: Device, local_rank: int) -> torch.device:
+    """The device DDPW's `to` moves to: the rank's own (`px.device()` in a launched rank)."""
     if kind in (Device.CPU, Device.MPS):
-        return torch.device(kind.value)
-    if not torch.cuda.is_available():
+        return rank_device(kind.value, local_rank)
+    if not is_available("cuda"):
         raise px.PlatformError(
             "device",
             kind,
@@ -328,13 +325,16 @@ def _target_device(kind: Device, local_rank: int) -> torch.device:
             "Pass device=Device.CPU, or the platform's device: to(module, local_rank, device=platform.device).",
             owner="ddpw to",
         )
-    return torch.device("cuda", local_rank)
+    return rank_device("cuda", local_rank)
 
 
 def to(
     module: torch.nn.Module, local_rank: int, sync_modules: bool = True, device: Device | str = Device.GPU
 ) -> torch.nn.Module:
     """Move `module` to `device` (the GPU `local_rank` for GPU and SLURM); wrap it in DDP when distributed.
+
+    With more ranks than GPUs (gloo shares them), rank `local_rank` takes GPU `local_rank % count`,
+    the one phalanx gives that rank (`px.device()`), where DDPW would fail on a missing GPU.
 
     Unlike DDPW, CPU and MPS modules are wrapped too when `sync_modules` and the launch has
     several ranks: phalanx runs several CPU ranks, whose gradients must be averaged. On GPUs,
