@@ -19,8 +19,8 @@ import torch
 
 import phalanx as px
 import phalanx.context
-from phalanx.runners import shared_tensors
 from phalanx.files import PRIVATE_MODE, create_exclusive
+from phalanx.runners import shared_tensors
 from phalanx.sweep import _point_key
 
 pytestmark = [

@@ -275,10 +275,10 @@ def test_workers_done_before_the_caller_reads_their_pids_are_collected(monkeypat
     import socket
     import time
 
+    from phalanx.runners import processes
     from phalanx.runners.channel import FrameReader
-    from phalanx.runners import local
 
-    watch = local.LocalJob._watch
+    watch = processes.ProcessSet.watch
 
     def watch_once_every_worker_is_gone(job):
         expected = 1 + len(job.workers)  # the pids, then one exit report per worker
@@ -291,7 +291,7 @@ def test_workers_done_before_the_caller_reads_their_pids_are_collected(monkeypat
             time.sleep(0.01)  # some reports are in, not all: look again shortly (bounded above)
         watch(job)
 
-    monkeypatch.setattr(local.LocalJob, "_watch", watch_once_every_worker_is_gone)
+    monkeypatch.setattr(processes.ProcessSet, "watch", watch_once_every_worker_is_gone)
     assert px.launch(rank_and_arg, "x", platform=CPU) == [(0, "x"), (1, "x")]
 
 

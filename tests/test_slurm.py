@@ -128,6 +128,23 @@ def test_failing_task_is_reported_with_its_remote_traceback(slurm, tmp_path, mon
     assert "task 1 failed on purpose" in info.value.traceback
 
 
+def _fail_on_the_first_try():
+    import phalanx as px
+
+    if px.get_restart_count() == 0:
+        raise ValueError(f"task {px.get_rank()} fails on try 0")
+    return px.get_restart_count()
+
+
+@cluster
+def test_a_failed_job_is_submitted_again_with_the_restart_count_in_every_task(slurm, tmp_path):
+    """launch's restart policy holds for SLURM too: the second submission's tasks know they are try 1."""
+    import phalanx as px
+
+    platform = px.Platform(cluster="slurm", max_restarts=1, log_dir=str(tmp_path), **TWO_TASKS)
+    assert px.launch(_fail_on_the_first_try, platform=platform) == [1, 1]
+
+
 @cluster
 def test_submit_returns_a_handle_at_once(slurm, tmp_path):
     import phalanx as px

@@ -22,8 +22,8 @@ import pytest
 import torch.distributed as dist
 
 import phalanx as px
-from phalanx.runners import zygote
 from phalanx.rendezvous import SignedStore, host_store
+from phalanx.runners import zygote
 from tests.conftest import run_script
 from tests.namespaces import one_host
 

@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
-import warnings
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from phalanx.rank_state import call_rank_function
-from phalanx.environment import Environment, detect_environment
 from phalanx import variables
+from phalanx.environment import Environment, detect_environment
 from phalanx.errors import LaunchError, PlatformError, WorkerError
 from phalanx.platform import Platform
-from phalanx.runners.local import run_local  # at import: the zygote, copied then, has it for every worker
+from phalanx.rank_state import call_rank_function
+from phalanx.runners.base import Runner, RunRequest
+from phalanx.runners.joined import run_joined
+from phalanx.runners.local import LocalRunner  # at import: the zygote, copied then, has it for every worker
+from phalanx.runners.nodes import NodesRunner
+from phalanx.runners.slurm import SlurmJob, SlurmRunner, submit_slurm
+from phalanx.runners.worker import importing_the_call
 
-if TYPE_CHECKING:
-    from phalanx.runners.slurm import SlurmJob
-
-__all__ = ["launch", "submit"]
+__all__ = ["launch", "run_job", "submit"]
 
 T = TypeVar("T")
 
@@ -51,8 +51,7 @@ def launch(
     """
     if not callable(fn):
         raise TypeError(f"launch() needs a callable first, got {fn!r}")
-    worker = sys.modules.get("phalanx.runners.worker")
-    if worker is not None and worker._unpickling_call:
+    if importing_the_call():
         raise LaunchError(
             f"launch() was called while a rank imported module {fn.__module__!r} to get the function to run: "
             "that module launches when it is imported, so every rank would launch again. Put the launch under "
@@ -60,26 +59,36 @@ def launch(
         )
     if os.environ.get(variables.RUN) == "1" and dist.is_initialized():
         return _run_in_current_group(fn, args, kwargs, gather)
-    requested = platform or Platform()
-    environment = None if requested.cluster == "slurm" else _environment_for(requested)
-    if environment is not None:
-        from phalanx.runners.env import run_joined
+    return run_job(fn, args, kwargs, platform or Platform(), caller_rank=caller_rank, gather=gather)
 
+
+def run_job(
+    fn: Callable[..., Any],
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    platform: Platform,
+    caller_rank: int | None = None,
+    gather: bool = True,
+    rank_variables: Mapping[str, str] | None = None,
+) -> Any:
+    """`launch`'s policy, in one place for every runner: which runner, restarts, set-up retries.
+
+    `rank_variables` are set in the ranks' environment only (`sweep` pins a point's GPU so).
+    Processes a launcher started run once (their launcher restarts them); ranks phalanx
+    starts are started again after a failure, up to `platform.max_restarts` times, and once
+    more (twice at most) when they lost each other while connecting, before any user code ran.
+    """
+    rank_variables = dict(rank_variables or {})
+    environment = None if platform.cluster == "slurm" else _environment_for(platform)
+    if environment is not None:
         _check_caller_rank(caller_rank, None)
-        if requested.max_restarts:
-            warnings.warn(
-                f"Platform(max_restarts={requested.max_restarts}) does not restart processes that "
-                f"{environment.name} started: a failure ends them, and their launcher restarts them "
-                "(torchrun --max-restarts, SLURM requeue).",
-                stacklevel=2,
-            )
-        joined = _resolve_for(dataclasses.replace(requested, max_restarts=0), environment)
-        return run_joined(fn, args, kwargs, joined, environment, gather)
+        return run_joined(fn, args, kwargs, platform, environment, gather, rank_variables)
     failed_attempts: list[WorkerError] = []
     failed_meetings = 0
     while True:
+        variables_now = {**rank_variables, variables.RESTART_COUNT: str(len(failed_attempts))}
         try:
-            return _launch_once(fn, args, kwargs, requested, caller_rank, gather, len(failed_attempts))
+            return _run_once(_runner_for(fn, args, kwargs, platform, caller_rank, gather, variables_now))
         except LaunchError as error:
             # The ranks started but lost each other while connecting, before any user code ran:
             # seen under heavy CPU contention with several launches at once. Starting them again
@@ -90,17 +99,46 @@ def launch(
             reason = str(error).splitlines()[0]
             print(f"phalanx: {reason}; the ranks lost each other while connecting: starting again", file=sys.stderr)
         except WorkerError as error:
-            if len(failed_attempts) >= requested.max_restarts:
+            if len(failed_attempts) >= platform.max_restarts:
                 if failed_attempts:
                     error.after_restarts(failed_attempts)
                 raise
             failed_attempts.append(error)
             print(
                 f"phalanx: {error.failures[0].summary().splitlines()[0]}; restarting every rank "
-                f"(restart {len(failed_attempts)} of {requested.max_restarts})",
+                f"(restart {len(failed_attempts)} of {platform.max_restarts})",
                 file=sys.stderr,
                 flush=True,
             )
+
+
+def _runner_for(
+    fn: Callable[..., Any],
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    requested: Platform,
+    caller_rank: int | None,
+    gather: bool,
+    rank_variables: dict[str, str],
+) -> Runner:
+    """The runner for one attempt: SLURM's, or this machine's (one node or several)."""
+    if requested.cluster == "slurm":
+        _check_caller_rank(caller_rank, None)
+        return SlurmRunner(RunRequest(fn, args, kwargs, requested, gather, rank_variables=rank_variables))
+    platform = requested.resolve()  # cluster "auto" with no launcher found, or "local"
+    _check_caller_rank(caller_rank, platform)
+    request = RunRequest(fn, args, kwargs, platform, gather, caller_rank, rank_variables=rank_variables)
+    return NodesRunner(request) if platform.n_nodes > 1 else LocalRunner(request)
+
+
+def _run_once(runner: Runner) -> Any:
+    """Start, wait, and stop on Ctrl-C: one attempt of any runner."""
+    runner.start()
+    try:
+        return runner.wait()
+    except KeyboardInterrupt:
+        runner.stop()
+        raise
 
 
 _MEETING_RETRIES = 2
@@ -113,30 +151,6 @@ def _lost_each_other_while_meeting(error: LaunchError) -> bool:
         and all(failure.during == "setup" for failure in cause.failures)
         and any(failure.lost_a_peer for failure in cause.failures)
     )
-
-
-def _launch_once(
-    fn: Callable[..., Any],
-    args: tuple,
-    kwargs: dict[str, Any],
-    requested: Platform,
-    caller_rank: int | None,
-    gather: bool,
-    restart: int,
-) -> Any:
-    """One attempt of `launch` on SLURM or here; `restart` counts the attempts before it."""
-    if requested.cluster == "slurm":
-        _check_caller_rank(caller_rank, None)
-        job = submit(fn, *args, platform=requested, gather=gather, **kwargs)
-        try:
-            return job.result()
-        except KeyboardInterrupt:
-            job.cancel()  # Ctrl-C while waiting: the job must not run on without anyone waiting
-            raise
-
-    platform = requested.resolve()  # cluster "auto" with no launcher found, or "local"
-    _check_caller_rank(caller_rank, platform)
-    return run_local(fn, args, kwargs, platform, caller_rank, gather, {variables.RESTART_COUNT: str(restart)})
 
 
 def submit(fn: Callable[..., Any], *args: Any, platform: Platform, gather: bool = True, **kwargs: Any) -> SlurmJob:
@@ -155,8 +169,6 @@ def submit(fn: Callable[..., Any], *args: Any, platform: Platform, gather: bool 
         raise PlatformError(
             "cluster", platform.cluster, "submit() sends a job to SLURM", "Use cluster='slurm', or launch()."
         )
-    from phalanx.runners.slurm import submit_slurm
-
     return submit_slurm(fn, args, kwargs, platform, gather)
 
 
@@ -182,19 +194,6 @@ def _environment_for(platform: Platform) -> Environment | None:
             "PMI_RANK). Start this script with one of them, or use cluster='local' to start the ranks here."
         )
     return environment
-
-
-def _resolve_for(platform: Platform, environment: Environment) -> Platform:
-    """Resolve a platform for processes that already exist: their count is the launcher's."""
-    local_world_size = environment.local_world_size()
-    if platform.n_procs is not None and platform.n_procs != local_world_size:
-        warnings.warn(
-            f"Platform(n_procs={platform.n_procs}) is ignored: {environment.name} started {local_world_size} "
-            "process(es) on this node, and phalanx joins them instead of starting its own.",
-            stacklevel=3,
-        )
-    joined = dataclasses.replace(platform, n_procs=local_world_size, n_gpus=None, cluster="env")
-    return joined.resolve()
 
 
 def _check_caller_rank(caller_rank: int | None, platform: Platform | None) -> None:

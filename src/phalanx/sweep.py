@@ -29,6 +29,7 @@ import cloudpickle
 
 from phalanx.errors import PhalanxError, UntrustedFileError
 from phalanx.files import PRIVATE_MODE, check_trusted_folder, read_trusted, write_atomically
+from phalanx.launch import run_job
 from phalanx.platform import Platform
 
 __all__ = ["SweepResult", "grid_points", "sweep"]
@@ -214,9 +215,8 @@ def sweep(
 def _launch_with_environment(
     fn: Callable[..., Any], point: dict[str, Any], environment: dict[str, str], platform: Platform
 ) -> Any:
-    from phalanx.runners.local import run_local
-
-    return run_local(_run_point, (fn, point), {}, platform.resolve(), None, False, environment)
+    # Through launch's policy: a point gets the platform's restarts and set-up retries too.
+    return run_job(_run_point, (fn, point), {}, platform, gather=False, rank_variables=environment)
 
 
 def _progress_bar(total: int, done: int, wanted: bool) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "DISABLE_ZYGOTE_FORK",
+    "GROUP_RANK",
     "JOB_SECRET",
     "JOB_SECRET_FILE",
     "LOCAL_RANK",
@@ -16,7 +17,6 @@ __all__ = [
     "MASTER_ADDR",
     "MASTER_PORT",
     "NODE_RANK",
-    "GROUP_RANK",
     "RANK",
     "RESTART_COUNT",
     "ROLE",

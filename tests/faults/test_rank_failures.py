@@ -324,10 +324,10 @@ def _fail_in_rank_1_else_compute():
 
 def test_a_worker_that_fails_before_the_caller_rank_starts_its_function_still_stops_it(monkeypatch):
     """The worker's failure lands while the caller rank is still setting up: nothing to interrupt yet."""
-    from phalanx.runners import local
+    from phalanx.runners import caller, local
 
     recorded = threading.Event()
-    real_fail, real_session = local.LocalJob.fail, local.rank_session
+    real_fail, real_session = local.LocalJob.fail, caller.rank_session
 
     def fail(job, failure):
         real_fail(job, failure)
@@ -341,7 +341,7 @@ def test_a_worker_that_fails_before_the_caller_rank_starts_its_function_still_st
             yield
 
     monkeypatch.setattr(local.LocalJob, "fail", fail)
-    monkeypatch.setattr(local, "rank_session", late_session)
+    monkeypatch.setattr(caller, "rank_session", late_session)
     start = time.monotonic()
     with pytest.raises(px.WorkerError) as info:
         px.launch(_fail_in_rank_1_else_compute, platform=CPU, caller_rank=0)

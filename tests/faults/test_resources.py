@@ -108,8 +108,8 @@ def test_a_disk_too_full_for_a_checkpoint_raises_on_every_rank_and_keeps_the_pre
 
 
 def test_a_store_that_fails_to_start_stops_the_workers_already_forking(monkeypatch):
-    from phalanx.runners import zygote
     from phalanx.rendezvous import StoreListener
+    from phalanx.runners import zygote
 
     serving = zygote.get_zygote().pid
 

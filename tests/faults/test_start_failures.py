@@ -17,8 +17,7 @@ import pytest
 
 import phalanx as px
 from phalanx import rendezvous
-from phalanx.runners import zygote
-from phalanx.runners import local
+from phalanx.runners import processes, zygote
 from tests.conftest import run_script
 
 pytestmark = pytest.mark.timeout(120)
@@ -50,7 +49,7 @@ def test_a_pipe_that_fails_with_emfile_raises_launch_error(monkeypatch, failing_
             raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
         return real_pipe()
 
-    monkeypatch.setattr(local.os, "pipe", pipe)
+    monkeypatch.setattr(processes.os, "pipe", pipe)
     error = _launch_raises(px.LaunchError)
     monkeypatch.undo()
     assert "RLIMIT_NOFILE" in str(error) and "fewer n_procs" in str(error)
@@ -100,7 +99,7 @@ def test_a_store_that_fails_while_the_zygote_forks_raises_its_own_error(monkeypa
 
 
 def _stop_the_zygote_while_it_is_sent_the_job(monkeypatch, then_kill: bool) -> int:
-    real_spawn = local._spawn
+    real_spawn = processes.spawn
     pid = zygote.get_zygote().pid
 
     def spawn(*args):
@@ -110,7 +109,7 @@ def _stop_the_zygote_while_it_is_sent_the_job(monkeypatch, then_kill: bool) -> i
             os.kill(pid, signal.SIGKILL)
         return job_socket
 
-    monkeypatch.setattr(local, "_spawn", spawn)
+    monkeypatch.setattr(processes, "spawn", spawn)
     return pid
 
 
@@ -125,7 +124,7 @@ def test_a_zygote_that_dies_before_it_reports_the_pids_raises_launch_error(monke
 
 def test_a_zygote_that_does_not_report_the_pids_in_time_raises_launch_error(monkeypatch):
     pid = _stop_the_zygote_while_it_is_sent_the_job(monkeypatch, then_kill=False)
-    monkeypatch.setattr(local, "_START_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(processes, "START_TIMEOUT_SECONDS", 0.5)
     try:
         error = _launch_raises(px.LaunchError)
     finally:

@@ -17,6 +17,7 @@ from typing import Any
 import cloudpickle
 
 from phalanx.errors import SerializationError
+from phalanx.runners.shared_tensors import dumps_sharing_tensors
 
 __all__ = ["FrameReader", "decode", "dumps_call", "dumps_value", "encode", "read_frame", "recv_exactly", "write_frame"]
 
@@ -151,8 +152,6 @@ def dumps_value(value: Any, what: str, shared_prefix: str | None = None) -> byte
     """
     try:
         if shared_prefix is not None:
-            from phalanx.runners.shared_tensors import dumps_sharing_tensors
-
             return dumps_sharing_tensors(value, shared_prefix)
         return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as error:

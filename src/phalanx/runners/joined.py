@@ -69,7 +69,7 @@ def _rendezvous(platform: Platform, environment: Environment) -> tuple[str, int]
             warnings.warn(
                 f"Platform(master_addr=..., master_port=...) is ignored under {environment.name}: its agent serves "
                 f"the store at {environment.main_address()}:{environment.main_port()}",
-                stacklevel=4,
+                stacklevel=6,
             )
         return environment.main_address(), environment.main_port()
     address = platform.master_addr if explicit_address else environment.main_address()
@@ -93,7 +93,7 @@ def _secret_or_warning(environment: Environment) -> bytes | None:
             f"no job secret ({SECRET_VARIABLE}) is set under {environment.name}: the job's store is not signed, so "
             "another program that reaches it could disturb the rendezvous (phalanx never unpickles anything "
             f"from it). {HOW_TO_SET}",
-            stacklevel=4,
+            stacklevel=6,
         )
     return secret
 
@@ -155,14 +155,14 @@ def platform_for(platform: Platform, environment: Environment) -> Platform:
         warnings.warn(
             f"Platform(n_procs={platform.n_procs}) is ignored: {environment.name} started {local_world_size} "
             "process(es) on this node, and phalanx joins them instead of starting its own.",
-            stacklevel=4,
+            stacklevel=5,
         )
     if platform.max_restarts:
         warnings.warn(
             f"Platform(max_restarts={platform.max_restarts}) does not restart processes that "
             f"{environment.name} started: a failure ends them, and their launcher restarts them "
             "(torchrun --max-restarts, SLURM requeue).",
-            stacklevel=4,
+            stacklevel=5,
         )
     joined = dataclasses.replace(platform, n_procs=local_world_size, n_gpus=None, cluster="env", max_restarts=0)
     return joined.resolve()

@@ -1,4 +1,4 @@
-"""Several nodes without a scheduler: each node's caller runs its ranks; they meet in one store.
+"""The nodes runner: several nodes, no scheduler; each node's caller runs its ranks; they meet in one store.
 
 The caller on node 0 hosts the job's store at `master_addr:master_port`; callers on the other
 nodes and every worker join it. When a node's ranks fail, its caller raises a flag in the store
@@ -21,10 +21,13 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from phalanx.errors import LaunchError, RankFailure
+from phalanx.job_secret import HOW_TO_SET, secret_from_environment
 from phalanx.platform import Platform
-from phalanx.rendezvous import connect_store
+from phalanx.rendezvous import connect_store, host_store
+from phalanx.runners.base import RunRequest
+from phalanx.runners.local import LocalJob, LocalRunner
 
-__all__ = ["NodeGroup"]
+__all__ = ["NodeGroup", "NodesRunner"]
 
 _ABORT = "phalanx/nodes/abort"
 _OUTCOME = "phalanx/nodes/outcome/{node}"
@@ -114,3 +117,75 @@ class NodeGroup:
             pass
         if self._watcher is not None:
             self._watcher.join(timeout=5)
+
+
+class NodesRunner(LocalRunner):
+    """`launch` on one node of several (`n_nodes > 1`, no scheduler): node 0 hosts the store.
+
+    Every node's caller runs its own share of the ranks as the local runner does; the nodes
+    share the job's secret (`PHALANX_JOB_SECRET`), stop together when one fails, and each
+    returns the full list of values (see `NodeGroup`).
+    """
+
+    def __init__(self, request: RunRequest) -> None:
+        super().__init__(request)
+        self._nodes: NodeGroup | None = None
+        self._node_store: dist.Store | None = None
+
+    def job_secret(self) -> bytes:
+        platform = self.platform
+        secret = secret_from_environment()
+        if secret is None:
+            raise LaunchError(
+                f"a job on {platform.n_nodes} nodes needs a job secret, the same on every node, to sign what its "
+                f"store carries: without one, anyone who can reach {platform.master_addr}:{platform.master_port} "
+                f"could run code in it. {HOW_TO_SET}"
+            )
+        return secret
+
+    def open_store(self, secret: bytes) -> int:
+        """Node 0's caller hosts the job's store; the callers of other nodes join it."""
+        platform = self.platform
+        if platform.node_rank == 0:
+            store = host_store(platform.master_addr, platform.master_port, platform.timeout_delta, secret)
+        else:
+            try:
+                store = connect_store(
+                    platform.master_addr,
+                    platform.master_port,
+                    platform.timeout_delta,
+                    secret,
+                    connect_timeout=platform.connect_timeout_delta,
+                )
+            except Exception as error:
+                raise LaunchError(
+                    f"node {platform.node_rank} could not reach node 0's store at {platform.master_addr}:"
+                    f"{platform.master_port} within connect_timeout={platform.connect_timeout_delta}: {error}. "
+                    "Start node 0 with the same master_addr and master_port, and check that this node can reach "
+                    "that address."
+                ) from error
+        self._node_store = store
+        port = platform.master_port or store.port
+        self._nodes = NodeGroup(store, platform, port, secret)
+        return port
+
+    def start_store(self, secret: bytes) -> None:
+        """Nothing to start: `open_store` hosted or joined the store already."""
+
+    def watch_other_nodes(self, local_job: LocalJob) -> None:
+        self._nodes.watch(lambda node: local_job.stop())
+        local_job.on_failure = self._nodes.raise_flag
+
+    def store_for_caller(self) -> dist.Store:
+        return self._node_store
+
+    def finish(
+        self, values: dict[int, bytes], failures: list[RankFailure]
+    ) -> tuple[dict[int, bytes], list[RankFailure]]:
+        return self._nodes.exchange(values, failures)
+
+    def close(self, finished: bool) -> None:
+        if self._nodes is not None:
+            self._nodes.close(finished)
+        self._nodes = None
+        self._node_store = None

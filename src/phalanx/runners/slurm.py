@@ -1,41 +1,43 @@
-"""Submitting to SLURM with submitit: one task per rank, joined on the nodes, values back.
+"""The SLURM runner: submitit submits one task per rank; they join on the nodes; values come back.
 
-The callable that travels is a `_Task`: on each node it calls `launch` with `cluster="env"`, so
-the tasks of the job join as ranks exactly as under `srun` by hand, and every task returns the
-full list. A task that fails writes its failure record (JSON, mode 0600) next to submitit's logs
-before it raises, so the caller gets a `WorkerError` with the remote traceback, not a bare log
-path. The job folder is private (0700): submitit keeps the pickled task there, with the job's
-secret in it, and the caller unpickles the results it finds there.
-With `requeue=True` the task is checkpointable: on preemption or timeout submitit requeues the
-job, and a function that saves and loads a `Context` continues from its last checkpoint.
+The callable that travels is a `_Task`: on each node it joins as `launch` does under `srun`
+(`phalanx.runners.joined.run_joined`), so the tasks of the job join as ranks exactly as by hand,
+and every task returns the full list. A task that fails writes its failure record (JSON, mode
+0600) next to submitit's logs before it raises, so the caller gets a `WorkerError` with the
+remote traceback, not a bare log path. The job folder is private (0700): submitit keeps the
+pickled task there, with the job's secret in it, and the caller unpickles the results it finds
+there. With `requeue=True` the task is checkpointable: on preemption or timeout submitit
+requeues the job, and a function that saves and loads a `Context` continues from its last
+checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import re
 import signal
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
 import cloudpickle
 
-from phalanx.runners.channel import dumps_call
-from phalanx.errors import LaunchError, PlatformError, RankFailure, UntrustedFileError, WorkerError
+from phalanx.environment import detect_environment
+from phalanx.errors import LaunchError, RankFailure, UntrustedFileError, WorkerError
 from phalanx.files import check_trusted_folder, read_trusted, write_atomically
 from phalanx.job_secret import SECRET_FILE_VARIABLE, SECRET_VARIABLE, new_secret
 from phalanx.platform import Platform
+from phalanx.runners.base import RunRequest
+from phalanx.runners.channel import dumps_call
+from phalanx.runners.joined import run_joined
 
-__all__ = ["SlurmJob", "submit_slurm"]
+__all__ = ["SlurmJob", "SlurmRunner", "submit_slurm"]
 
 _FOLDER_MODE = 0o700
 _RECORD_MODE = 0o600
@@ -49,25 +51,6 @@ _RUNNING_STATES = frozenset({"CONFIGURING", "RUNNING", "SUSPENDED", "RESIZING", 
 _SETTLING_STATE = "COMPLETING"
 _SETTLE_SECONDS = 60.0
 _POLL_SECONDS = 2.0
-
-
-def _minutes(time: int | str | None) -> int:
-    """SLURM's time formats ("MM", "MM:SS", "HH:MM:SS", "D-HH:MM:SS") or minutes, as minutes."""
-    if time is None:
-        return 60
-    if isinstance(time, int):
-        return time
-    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", time.strip())
-    if match is None:
-        raise PlatformError("time", time, "use minutes or SLURM's formats: 'MM', 'HH:MM:SS', 'D-HH:MM:SS'")
-    days, first, second, third = (int(part) if part else 0 for part in match.groups())
-    if match.group(4) is not None:  # HH:MM:SS
-        seconds = first * 3600 + second * 60 + third
-    elif match.group(3) is not None:  # MM:SS
-        seconds = first * 60 + second
-    else:
-        seconds = first * 60
-    return max(1, math.ceil((days * 86400 + seconds) / 60))
 
 
 def _failure_path(folder: Path, job_id: str, rank: int) -> Path:
@@ -142,6 +125,7 @@ class _Task:
         platform: Platform,
         folder: str,
         secret: bytes,
+        rank_variables: Mapping[str, str] | None = None,
     ):
         # The call travels pickled, with the caller's import path: a function of the caller's
         # own modules is pickled by name, and the node must find that module where it is.
@@ -153,21 +137,26 @@ class _Task:
         # (and a requeued run, which loads the same file) gets the same one; no script, log or
         # environment of the submitting side holds it.
         self.secret = secret
+        self.rank_variables = dict(rank_variables or {})  # the restart count, set in every rank
 
     def __repr__(self) -> str:  # never the secret
         return f"_Task(folder={self.folder!r})"
 
     def __call__(self) -> list[Any]:
-        from phalanx.launch import launch
-
         if not (os.environ.get(SECRET_VARIABLE) or os.environ.get(SECRET_FILE_VARIABLE)):  # the user's own wins
             os.environ[SECRET_VARIABLE] = self.secret.hex()
         sys.path[:0] = [entry for entry in self.sys_path if entry not in sys.path]
         fn, args, kwargs = cloudpickle.loads(self.call)
         # Validated here, on the node: the submitting machine may have no GPU at all.
         joined = dataclasses.replace(self.platform, cluster="env", n_procs=None, n_gpus=None)
+        environment = detect_environment()
+        if environment is None:
+            raise LaunchError(
+                f"{self!r} runs as a task of an srun step, but no SLURM task variables are set here "
+                "(SLURM_PROCID, SLURM_STEP_ID): submit it with phalanx.submit or cluster='slurm'"
+            )
         try:
-            return launch(fn, *args, platform=joined, **kwargs)
+            return run_joined(fn, args, kwargs, joined, environment, gather=True, rank_variables=self.rank_variables)
         except WorkerError as error:
             rank, job_id = int(os.environ["SLURM_PROCID"]), os.environ["SLURM_JOB_ID"]
             own = [failure for failure in error.failures if failure.rank == rank]
@@ -387,7 +376,12 @@ def _private_folder(folder: Path) -> None:
 
 
 def submit_slurm(
-    fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], platform: Platform, gather: bool
+    fn: Callable[..., Any],
+    args: tuple,
+    kwargs: dict[str, Any],
+    platform: Platform,
+    gather: bool,
+    rank_variables: Mapping[str, str] | None = None,
 ) -> SlurmJob:
     """Submit `fn` as one SLURM job of `n_nodes` x `n_procs` tasks; returns at once."""
     try:
@@ -399,26 +393,49 @@ def submit_slurm(
     folder = Path(platform.log_dir).absolute() / "slurm"
     _private_folder(folder)
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    slurm = platform.slurm
     parameters: dict[str, Any] = {
         "nodes": platform.n_nodes,
         "tasks_per_node": platform.n_procs or 1,
-        "timeout_min": _minutes(platform.time),
+        "timeout_min": slurm.minutes,
         "name": getattr(fn, "__name__", "phalanx"),
     }
     if platform.device in ("cuda", "gpu"):
         parameters["gpus_per_node"] = platform.n_procs or 1
     if platform.n_cpus is not None:
         parameters["cpus_per_task"] = platform.n_cpus
-    if isinstance(platform.ram, int):
-        parameters["mem_gb"] = platform.ram
-    elif platform.ram is not None:
-        parameters["slurm_mem"] = platform.ram
+    if isinstance(slurm.ram, int):
+        parameters["mem_gb"] = slurm.ram
+    elif slurm.ram is not None:
+        parameters["slurm_mem"] = slurm.ram
     for field, name in (("partition", "slurm_partition"), ("account", "slurm_account"), ("qos", "slurm_qos")):
-        if getattr(platform, field) is not None:
-            parameters[name] = getattr(platform, field)
-    if platform.slurm_additional_parameters:
-        parameters["slurm_additional_parameters"] = dict(platform.slurm_additional_parameters)
+        if getattr(slurm, field) is not None:
+            parameters[name] = getattr(slurm, field)
+    if slurm.slurm_additional_parameters:
+        parameters["slurm_additional_parameters"] = dict(slurm.slurm_additional_parameters)
     executor.update_parameters(**parameters)
-    task_type = _RequeuableTask if platform.requeue else _Task
-    job = executor.submit(task_type(fn, args, kwargs, platform, str(folder), new_secret()))
+    task_type = _RequeuableTask if slurm.requeue else _Task
+    job = executor.submit(task_type(fn, args, kwargs, platform, str(folder), new_secret(), rank_variables))
     return SlurmJob(job, folder, gather)
+
+
+class SlurmRunner:
+    """`launch` with cluster="slurm": submit the job, wait for its result, cancel it on Ctrl-C."""
+
+    def __init__(self, request: RunRequest) -> None:
+        self.request = request
+        self.job: SlurmJob | None = None
+
+    def start(self) -> None:
+        request = self.request
+        self.job = submit_slurm(
+            request.fn, request.args, dict(request.kwargs), request.platform, request.gather, request.rank_variables
+        )
+
+    def wait(self) -> Any:
+        return self.job.result()
+
+    def stop(self) -> None:
+        """Cancel the job (Ctrl-C while waiting: it must not run on without anyone waiting)."""
+        if self.job is not None:
+            self.job.cancel()

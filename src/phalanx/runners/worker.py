@@ -6,6 +6,7 @@ The same entry serves worker processes (`run_rank`) and a caller that takes part
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import faulthandler
 import io
@@ -15,49 +16,52 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator
-from datetime import timedelta
 from typing import Any
 
 import cloudpickle
 import torch
 import torch.distributed as dist
 
-from phalanx import rank_state
-from phalanx import variables
-from phalanx.runners.channel import dumps_value, encode, write_frame
+from phalanx import rank_state, variables
+from phalanx.devices import select_rank_device
 from phalanx.errors import SerializationError
+from phalanx.jobspec import JobSpec
 from phalanx.rendezvous import connect_store
+from phalanx.runners.channel import dumps_value, encode, write_frame
+from phalanx.seeding import seed_everything
 
-__all__ = ["failure_record", "rank_environment", "rank_session", "run_rank"]
+__all__ = ["failure_record", "importing_the_call", "rank_environment", "rank_session", "run_rank"]
 
 
 _unpickling_call = False  # True while this rank imports what the call needs (see launch)
+
+
+def importing_the_call() -> bool:
+    """True while this worker unpickles its function, importing the modules it needs.
+
+    `launch` refuses to start while this holds: a module that launches when it is imported
+    would make every rank launch again.
+    """
+    return _unpickling_call
+
+
 # A worker's rank session, held until os._exit: once dropped, the garbage collector would
 # close it, and so destroy the group after all (see run_rank).
 _sessions_left_open: list[contextlib.ExitStack] = []
 
 
-def rank_environment(job: dict[str, Any], rank: int, local_rank: int) -> dict[str, str]:
+def rank_environment(job: JobSpec, rank: int, local_rank: int) -> dict[str, str]:
     """The variables torch.distributed and user code read to know their place."""
     return {
         variables.RANK: str(rank),
         variables.LOCAL_RANK: str(local_rank),
-        variables.WORLD_SIZE: str(job["world_size"]),
-        variables.LOCAL_WORLD_SIZE: str(job["local_world_size"]),
-        variables.NODE_RANK: str(job["node_rank"]),
-        variables.GROUP_RANK: str(job["node_rank"]),
-        variables.MASTER_ADDR: job["master_addr"],
-        variables.MASTER_PORT: str(job["master_port"]),
+        variables.WORLD_SIZE: str(job.world_size),
+        variables.LOCAL_WORLD_SIZE: str(job.local_world_size),
+        variables.NODE_RANK: str(job.node_rank),
+        variables.GROUP_RANK: str(job.node_rank),
+        variables.MASTER_ADDR: job.master_addr,
+        variables.MASTER_PORT: str(job.master_port),
     }
-
-
-def _select_device(device_type: str, local_rank: int) -> torch.device:
-    if device_type in ("cpu", "mps"):
-        return torch.device(device_type)
-    module = getattr(torch, device_type)
-    index = local_rank % max(1, module.device_count())
-    module.set_device(index)
-    return torch.device(device_type, index)
 
 
 _JOINED_COUNT = "phalanx/ranks-joined"
@@ -81,35 +85,27 @@ def _wait_for_every_rank(store: dist.Store, world_size: int) -> None:
 
 
 @contextlib.contextmanager
-def rank_session(job: dict[str, Any], rank: int, local_rank: int, store: dist.Store | None) -> Iterator[None]:
+def rank_session(job: JobSpec, rank: int, local_rank: int, store: dist.Store | None) -> Iterator[None]:
     """Be rank `rank` for the duration: environment, device, threads, seed, process group."""
     saved_environ = dict(os.environ)
     saved_threads = torch.get_num_threads()
     os.environ.update(rank_environment(job, rank, local_rank))
     try:
-        device = _select_device(job["device"], local_rank)
-        if job.get("n_cpus"):
-            torch.set_num_threads(job["n_cpus"])
-        timeout = timedelta(seconds=job["timeout"])
-        if job["backend"] == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
-            interface = job["gloo_interface"]
-            if interface is not None:  # ranks on other hosts must reach this one
-                os.environ["GLOO_SOCKET_IFNAME"] = interface
+        device = select_rank_device(job.device, local_rank)
+        if job.n_cpus:
+            torch.set_num_threads(job.n_cpus)
+        timeout = job.timeout_delta
+        if job.backend == "gloo" and job.gloo_interface is not None and "GLOO_SOCKET_IFNAME" not in os.environ:
+            os.environ["GLOO_SOCKET_IFNAME"] = job.gloo_interface  # ranks on other hosts must reach this one
         if store is None:
             store = connect_store(
-                job["master_addr"],
-                job["master_port"],
-                timeout,
-                job["secret"],
-                connect_timeout=timedelta(seconds=job["connect_timeout"]),
+                job.master_addr, job.master_port, timeout, job.secret, connect_timeout=job.connect_timeout_delta
             )
-        dist.init_process_group(job["backend"], store=store, rank=rank, world_size=job["world_size"], timeout=timeout)
-        _wait_for_every_rank(store, job["world_size"])
-        rank_state.enter_rank(rank_state.RankPlace(device, local_rank, job["local_world_size"], job["node_rank"]))
-        if job.get("seed") is not None:
-            from phalanx.seeding import seed_everything
-
-            seed_everything(job["seed"])
+        dist.init_process_group(job.backend, store=store, rank=rank, world_size=job.world_size, timeout=timeout)
+        _wait_for_every_rank(store, job.world_size)
+        rank_state.enter_rank(rank_state.RankPlace(device, local_rank, job.local_world_size, job.node_rank))
+        if job.seed is not None:
+            seed_everything(job.seed)
         yield
     finally:
         # The caller's own rank can be interrupted (another rank failed) while this runs: put
@@ -173,7 +169,7 @@ def _send(result_fd: int, message: dict[str, Any]) -> bool:
     return True
 
 
-def run_rank(job: dict[str, Any], spec: dict[str, Any], payload: bytes, result_fd: int) -> int:
+def run_rank(job: JobSpec, spec: dict[str, int], payload: bytes, result_fd: int) -> int:
     """Worker process entry: returns the exit code. Every outcome is reported on `result_fd`.
 
     A failure is reported before anything is torn down: the process ends right after, and a
@@ -186,13 +182,14 @@ def run_rank(job: dict[str, Any], spec: dict[str, Any], payload: bytes, result_f
     many quick launches: those were c10d's reverse DNS lookups, see `phalanx.name_lookups`.)
     """
     _fresh_standard_streams()
-    environ = dict(job["environ"], **{variables.ROLE: "worker"})
+    setup = job.worker_setup
+    environ = dict(setup.environ, **{variables.ROLE: "worker"})
     if os.environ != environ:  # usually the same: the zygote was copied from the caller
         os.environ.clear()
         os.environ.update(environ)
-    sys.path[:] = job["sys_path"]
+    sys.path[:] = setup.sys_path
     with contextlib.suppress(OSError):
-        os.chdir(job["cwd"])
+        os.chdir(setup.cwd)
     rank = spec["rank"]
     session = contextlib.ExitStack()
     _sessions_left_open.append(session)
@@ -207,9 +204,9 @@ def run_rank(job: dict[str, Any], spec: dict[str, Any], payload: bytes, result_f
         session.enter_context(rank_session(job, rank, spec["local_rank"], store=None))
         during = "run"
         value = rank_state.call_rank_function(fn, args, kwargs)
-        if not job["gather"] and rank != 0:
+        if not job.gather and rank != 0:
             value = None  # only rank 0's value goes back: save the transfer
-        prefix = job.get("shared_prefix")
+        prefix = job.shared_prefix
         shared_prefix = f"{prefix}rank{rank}-" if prefix else None
         message = {"ok": dumps_value(value, f"the return value of rank {rank}", shared_prefix)}
     except BaseException as error:  # everything reaches the caller, SystemExit included
@@ -220,9 +217,7 @@ def run_rank(job: dict[str, Any], spec: dict[str, Any], payload: bytes, result_f
     if not _send(result_fd, message):
         return 1
     try:
-        import atexit
-
-        atexit._run_exitfuncs()
+        atexit._run_exitfuncs()  # os._exit comes next: the user's exit handlers run here, group still up
     except BaseException:
         traceback.print_exc()
     return 0
