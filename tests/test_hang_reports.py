@@ -164,16 +164,24 @@ Current thread 0x00007f18dd277b80 (most recent call first):
     assert collective_in(busy, newest_first=True) is None
 
 
-def test_a_collective_in_another_thread_counts_when_the_main_thread_is_in_none():
-    dump = f"""\
+# A background thread of the user's waiting in barrier, as faulthandler lists it: before the main thread.
+BARRIER_IN_A_BACKGROUND_THREAD = f"""\
 Thread 0x00007f88323106c0 (most recent call first):
   File "{TORCH}/distributed_c10d.py", line 4822 in barrier
   File "/home/me/train.py", line 30 in sync_in_background
   File "{THREADING}", line 982 in run
 
+"""
+
+
+def test_a_collective_in_another_thread_counts_when_the_main_thread_is_in_none():
+    dump = (
+        BARRIER_IN_A_BACKGROUND_THREAD
+        + """\
 Current thread 0x00007f88562b2b80 (most recent call first):
   File "/home/me/train.py", line 14 in load_batch
 """
+    )
     assert collective_in(dump, newest_first=True) == "barrier"
 
 
@@ -227,16 +235,14 @@ RuntimeError: {GLOO_TIMEOUT}
 
 
 def test_a_query_in_the_main_thread_does_not_hide_another_threads_collective():
-    dump = f"""\
-Thread 0x00007f88323106c0 (most recent call first):
-  File "{TORCH}/distributed_c10d.py", line 4822 in barrier
-  File "/home/me/train.py", line 30 in sync_in_background
-  File "{THREADING}", line 982 in run
-
+    dump = (
+        BARRIER_IN_A_BACKGROUND_THREAD
+        + f"""\
 Current thread 0x00007f88562b2b80 (most recent call first):
   File "{TORCH}/distributed_c10d.py", line 2401 in get_rank
   File "/home/me/train.py", line 14 in train
 """
+    )
     assert collective_in(dump, newest_first=True) == "barrier"
 
 

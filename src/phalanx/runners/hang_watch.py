@@ -19,6 +19,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -77,35 +78,28 @@ class CallerRank:
         self.interrupt: Callable[[], None] | None = None
 
 
+@dataclass(eq=False)
 class HangWatch:
     """Hang detection and stack collection for the workers of a `ProcessSet` (and the caller's rank).
 
-    Every method is called under the job's `lock`, except `start_collecting` and `check`; the
-    monitor thread calls `check` at the end of every pass.
+    `lock` is the job's: it guards the failure log and the state here against the monitor
+    thread, which calls `check` at the end of every pass. `stop_after_failure(rank)` stops the
+    job once a report is complete.
     """
 
-    def __init__(
-        self,
-        timeout: float,
-        processes: ProcessSet,
-        failures: FailureLog,
-        lock: threading.Lock,
-        caller: CallerRank,
-        stop_after_failure: Callable[[int], None],
-    ) -> None:
-        self.timeout = timeout
-        self.processes = processes
-        self.failures = failures
-        self.lock = lock
-        self.caller = caller
-        self.stop_after_failure = stop_after_failure
-        self.detected = False
-        self.stacks: dict[int, str] = {}
-        self.collect_until: float | None = None  # monotonic deadline while stacks are being collected
-        self._stack_workers: list[Worker] = []
-        self._last_stack_byte = 0.0
-        self._progress_deadline: float | None = None  # the first return + timeout: others must be done by then
-        self._first_returned: int | None = None
+    timeout: float
+    processes: ProcessSet
+    failures: FailureLog
+    lock: threading.Lock
+    caller: CallerRank
+    stop_after_failure: Callable[[int], None]
+    detected: bool = False
+    stacks: dict[int, str] = field(default_factory=dict)
+    collect_until: float | None = None  # monotonic deadline while stacks are being collected
+    _stack_workers: list[Worker] = field(default_factory=list)
+    _last_stack_byte: float = 0.0
+    _progress_deadline: float | None = None  # the first return + timeout: others must be done by then
+    _first_returned: int | None = None
 
     @property
     def collecting(self) -> bool:
