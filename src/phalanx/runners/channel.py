@@ -144,6 +144,11 @@ def dumps_call(fn: Any, args: tuple, kwargs: dict[str, Any]) -> bytes:
         raise SerializationError(f"the call cannot be pickled: {type(error).__name__}: {error}") from error
 
 
+def loads_call(payload: bytes) -> tuple[Any, tuple, dict[str, Any]]:
+    """The `(fn, args, kwargs)` that `dumps_call` pickled (in a rank: it imports what they need)."""
+    return cloudpickle.loads(payload)
+
+
 def dumps_value(value: Any, what: str, shared_prefix: str | None = None) -> bytes:
     """Pickle a value for the caller; `what` names it in the error ("the return value of rank 1").
 

@@ -10,6 +10,7 @@ reaped. With `n_nodes > 1`, `phalanx.runners.nodes.NodesRunner` does the same on
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -28,8 +29,9 @@ from phalanx.runners.channel import dumps_call, dumps_value
 from phalanx.runners.failure_log import FailureLog, causes_first
 from phalanx.runners.hang_watch import CallerRank, HangWatch
 from phalanx.runners.hangs import looks_like_timeout
-from phalanx.runners.processes import ProcessSet, Worker
+from phalanx.runners.processes import SIGNAL_GRACE_SECONDS, STOP_GRACE_SECONDS, ProcessSet, Worker
 from phalanx.runners.shared_tensors import remove_shared_files
+from phalanx.signals import signal_of
 
 __all__ = ["LocalJob", "LocalRunner", "collect_values"]
 
@@ -66,8 +68,8 @@ class LocalJob:
     def wait(self) -> None:
         self.processes.wait()
 
-    def stop(self) -> None:
-        self.processes.stop()
+    def stop(self, signum: int = signal.SIGTERM, grace: float = STOP_GRACE_SECONDS) -> None:
+        self.processes.stop(signum, grace)
 
     # -- what the processes report (ProcessEvents, from the monitor thread) ---------------------
 
@@ -222,8 +224,9 @@ class LocalRunner:
                             request.fn, request.args, dict(request.kwargs), job, self.store_for_caller(), local_job
                         )
                     local_job.wait()
-                except KeyboardInterrupt:
-                    local_job.stop()
+                except KeyboardInterrupt as interruption:
+                    # Ctrl-C, or SIGTERM / SIGHUP (phalanx.signals): the ranks get the same signal.
+                    local_job.stop(signal_of(interruption), SIGNAL_GRACE_SECONDS)
                     local_job.wait()
                     if not local_job.failures:
                         raise

@@ -27,9 +27,19 @@ from phalanx.runners.channel import FrameReader, decode, encode, read_frame, wri
 from phalanx.runners.output import RankOutput
 from phalanx.runners.zygote import check_limits, get_zygote
 
-__all__ = ["STOP_GRACE_SECONDS", "ProcessEvents", "ProcessSet", "Worker", "crash_report", "describe_exit"]
+__all__ = [
+    "SIGNAL_GRACE_SECONDS",
+    "STOP_GRACE_SECONDS",
+    "ProcessEvents",
+    "ProcessSet",
+    "Worker",
+    "crash_report",
+    "describe_exit",
+]
 
-STOP_GRACE_SECONDS = 2.0  # between SIGTERM and SIGKILL when ranks are stopped
+STOP_GRACE_SECONDS = 2.0  # between SIGTERM and SIGKILL when ranks are stopped after a failure
+# After a stop signal the caller received (Ctrl-C, SIGTERM, SIGHUP): every rank is gone within 1 s.
+SIGNAL_GRACE_SECONDS = 0.8
 START_TIMEOUT_SECONDS = 60.0  # for the zygote to confirm that the workers exist
 
 
@@ -108,7 +118,8 @@ class ProcessSet:
         self.done = threading.Event()
         self.lock = threading.Lock()  # guards the socket and the stop state against the monitor thread
         self.stopping = False
-        self.stopped_at: float | None = None  # when SIGTERM went out (time.time())
+        self.stop_signal = int(signal.SIGTERM)  # what stop() sent: SIGTERM, or a signal the caller got
+        self.stopped_at: float | None = None  # when it went out (time.time())
         self.killed_at: float | None = None  # when phalanx itself escalated to SIGKILL
         self.monitor_thread: threading.Thread | None = None
         self._kill_at: float | None = None
@@ -303,21 +314,26 @@ class ProcessSet:
 
     def stopped_by_us(self, signal_name: str | None, when: float) -> bool:
         """True for an exit by the signal phalanx itself sent to stop the ranks."""
-        return (signal_name == "SIGTERM" and self.stopped_at is not None and when >= self.stopped_at) or (
+        stop_name = signal.Signals(self.stop_signal).name
+        return (signal_name == stop_name and self.stopped_at is not None and when >= self.stopped_at) or (
             signal_name == "SIGKILL" and self.killed_at is not None and when >= self.killed_at
         )
 
     # -- stopping ---------------------------------------------------------------------------
 
-    def stop(self) -> None:
-        """SIGTERM every live worker now, SIGKILL after the grace period. Idempotent."""
+    def stop(self, signum: int = signal.SIGTERM, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Send `signum` (SIGTERM) to every live worker now, SIGKILL after `grace` seconds. Idempotent.
+
+        A signal the caller received (SIGINT, SIGHUP, SIGTERM) is forwarded as it came.
+        """
         with self.lock:
             if self.stopping:
                 return
             self.stopping = True
+            self.stop_signal = int(signum)
             self.stopped_at = time.time()
-            self._kill_at = time.monotonic() + STOP_GRACE_SECONDS
-        self.signal(signal.SIGTERM)
+            self._kill_at = time.monotonic() + grace
+        self.signal(signum)
         self.wake()
 
     def wake(self) -> None:

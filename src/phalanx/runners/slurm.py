@@ -26,15 +26,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-import cloudpickle
-
 from phalanx.environment import detect_environment
 from phalanx.errors import LaunchError, RankFailure, UntrustedFileError, WorkerError
 from phalanx.files import check_trusted_folder, read_trusted, write_atomically
 from phalanx.job_secret import SECRET_FILE_VARIABLE, SECRET_VARIABLE, new_secret
 from phalanx.platform import Platform
 from phalanx.runners.base import RunRequest
-from phalanx.runners.channel import dumps_call
+from phalanx.runners.channel import dumps_call, loads_call
 from phalanx.runners.joined import run_joined
 
 __all__ = ["SlurmJob", "SlurmRunner", "submit_slurm"]
@@ -146,7 +144,7 @@ class _Task:
         if not (os.environ.get(SECRET_VARIABLE) or os.environ.get(SECRET_FILE_VARIABLE)):  # the user's own wins
             os.environ[SECRET_VARIABLE] = self.secret.hex()
         sys.path[:0] = [entry for entry in self.sys_path if entry not in sys.path]
-        fn, args, kwargs = cloudpickle.loads(self.call)
+        fn, args, kwargs = loads_call(self.call)
         # Validated here, on the node: the submitting machine may have no GPU at all.
         joined = dataclasses.replace(self.platform, cluster="env", n_procs=None, n_gpus=None)
         environment = detect_environment()

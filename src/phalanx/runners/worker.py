@@ -18,7 +18,6 @@ import traceback
 from collections.abc import Iterator
 from typing import Any
 
-import cloudpickle
 import torch
 import torch.distributed as dist
 
@@ -27,7 +26,7 @@ from phalanx.devices import select_rank_device
 from phalanx.errors import SerializationError
 from phalanx.jobspec import JobSpec
 from phalanx.rendezvous import connect_store
-from phalanx.runners.channel import dumps_value, encode, write_frame
+from phalanx.runners.channel import dumps_value, encode, loads_call, write_frame
 from phalanx.seeding import seed_everything
 
 __all__ = ["failure_record", "importing_the_call", "rank_environment", "rank_session", "run_rank"]
@@ -198,7 +197,7 @@ def run_rank(job: JobSpec, spec: dict[str, int], payload: bytes, result_fd: int)
         global _unpickling_call
         _unpickling_call = True  # a module imported now that launches at import time must not recurse
         try:
-            fn, args, kwargs = cloudpickle.loads(payload)
+            fn, args, kwargs = loads_call(payload)
         finally:
             _unpickling_call = False
         session.enter_context(rank_session(job, rank, spec["local_rank"], store=None))
