@@ -16,7 +16,7 @@ import torch.distributed as dist
 from phalanx import variables
 from phalanx.devices import default_device_type, rank_device
 from phalanx.environment import Environment, detect_environment
-from phalanx.rank_state import current_place, on_rank_finish
+from phalanx.rank_state import current_place, join_lazy_group, on_rank_finish
 
 __all__ = [
     "all_gather",
@@ -52,8 +52,13 @@ def _env_int(name: str, default: int) -> int:
 
 
 def is_distributed() -> bool:
-    """True inside a process group of more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True inside a process group of more than one rank.
+
+    Under `phalanx run` the group is made here, on first use, unless the script made it.
+    """
+    if not dist.is_available() or not join_lazy_group():
+        return False
+    return dist.get_world_size() > 1
 
 
 def _launcher() -> Environment | None:

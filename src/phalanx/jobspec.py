@@ -55,6 +55,13 @@ class JobSpec:
     # values that cross nodes go through the store, where a shared memory file means nothing
     shared_prefix: str | None = None
     worker_setup: WorkerSetup | None = field(default=None, repr=False)
+    # "eager": the rank joins its group before the function runs (launch). "lazy": the ranks
+    # get torchrun's variables and no group until the script makes one (`phalanx run`).
+    process_group: str = "eager"
+    role: str = "default"  # torchrun's --role: ROLE_NAME
+    run_id: str = "none"  # torchrun's --rdzv-id (its default, "none"): TORCHELASTIC_RUN_ID
+    max_restarts: int = 0  # TORCHELASTIC_MAX_RESTARTS
+    error_file: str = ""  # TORCHELASTIC_ERROR_FILE: where torch's @record writes a rank's error
 
     @property
     def timeout_delta(self) -> timedelta:
@@ -89,6 +96,9 @@ def local_job_spec(
     caller_rank: int | None,
     gather: bool,
     rank_variables: Mapping[str, str],
+    torchrun_style: bool = False,
+    role: str = "default",
+    run_id: str = "none",
 ) -> JobSpec:
     """The spec of ranks this node starts: `platform` resolved, `port` the store's.
 
@@ -113,6 +123,10 @@ def local_job_spec(
         gather=gather,
         shared_prefix=launch_prefix() if platform.n_nodes == 1 else None,
         worker_setup=WorkerSetup(environ={**os.environ, **rank_variables}, sys_path=tuple(sys.path), cwd=os.getcwd()),
+        process_group="lazy" if torchrun_style else "eager",
+        role=role,
+        run_id=run_id,
+        max_restarts=platform.max_restarts,
     )
 
 

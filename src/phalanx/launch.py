@@ -13,7 +13,7 @@ from phalanx import variables
 from phalanx.environment import Environment, detect_environment
 from phalanx.errors import LaunchError, PlatformError, WorkerError
 from phalanx.platform import Platform
-from phalanx.rank_state import call_rank_function
+from phalanx.rank_state import call_rank_function, join_lazy_group
 from phalanx.runners.base import Runner, RunRequest
 from phalanx.runners.joined import run_joined
 from phalanx.runners.local import LocalRunner  # at import: the zygote, copied then, has it for every worker
@@ -57,7 +57,7 @@ def launch(
             "that module launches when it is imported, so every rank would launch again. Put the launch under "
             '`if __name__ == "__main__":` (or in a function) in that module.'
         )
-    if os.environ.get(variables.RUN) == "1" and dist.is_initialized():
+    if os.environ.get(variables.RUN) == "1" and join_lazy_group():  # in a rank of `phalanx run`
         return _run_in_current_group(fn, args, kwargs, gather)
     return run_job(fn, args, kwargs, platform or Platform(), caller_rank=caller_rank, gather=gather)
 
@@ -70,10 +70,16 @@ def run_job(
     caller_rank: int | None = None,
     gather: bool = True,
     rank_variables: Mapping[str, str] | None = None,
+    torchrun_style: bool = False,
+    role: str = "default",
+    run_id: str = "none",
 ) -> Any:
     """`launch`'s policy, in one place for every runner: which runner, restarts, set-up retries.
 
     `rank_variables` are set in the ranks' environment only (`sweep` pins a point's GPU so).
+    `torchrun_style` (`phalanx run`): ranks phalanx starts get every variable torchrun's agent
+    sets (`role` is ROLE_NAME, `run_id` TORCHELASTIC_RUN_ID) and no process group until the
+    script makes one with `init_process_group()` or a phalanx helper needs one.
     Processes a launcher started run once (their launcher restarts them); ranks phalanx
     starts are started again after a failure, up to `platform.max_restarts` times, and once
     more (twice at most) when they lost each other while connecting, before any user code ran.
@@ -88,7 +94,8 @@ def run_job(
     while True:
         variables_now = {**rank_variables, variables.RESTART_COUNT: str(len(failed_attempts))}
         try:
-            return _run_once(_runner_for(fn, args, kwargs, platform, caller_rank, gather, variables_now))
+            style = {"torchrun_style": torchrun_style, "role": role, "run_id": run_id}
+            return _run_once(_runner_for(fn, args, kwargs, platform, caller_rank, gather, variables_now, style))
         except LaunchError as error:
             # The ranks started but lost each other while connecting, before any user code ran:
             # seen under heavy CPU contention with several launches at once. Starting them again
@@ -120,6 +127,7 @@ def _runner_for(
     caller_rank: int | None,
     gather: bool,
     rank_variables: dict[str, str],
+    style: dict[str, Any],
 ) -> Runner:
     """The runner for one attempt: SLURM's, or this machine's (one node or several)."""
     if requested.cluster == "slurm":
@@ -127,7 +135,7 @@ def _runner_for(
         return SlurmRunner(RunRequest(fn, args, kwargs, requested, gather, rank_variables=rank_variables))
     platform = requested.resolve()  # cluster "auto" with no launcher found, or "local"
     _check_caller_rank(caller_rank, platform)
-    request = RunRequest(fn, args, kwargs, platform, gather, caller_rank, rank_variables=rank_variables)
+    request = RunRequest(fn, args, kwargs, platform, gather, caller_rank, rank_variables=rank_variables, **style)
     return NodesRunner(request) if platform.n_nodes > 1 else LocalRunner(request)
 
 

@@ -12,11 +12,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-__all__ = ["RankPlace", "call_rank_function", "current_place", "enter_rank", "leave_rank", "on_rank_finish"]
+__all__ = [
+    "RankPlace",
+    "allow_lazy_group",
+    "call_rank_function",
+    "current_place",
+    "enter_rank",
+    "join_lazy_group",
+    "leave_rank",
+    "on_rank_finish",
+]
 
 
 @dataclass(frozen=True)
@@ -31,6 +42,7 @@ class RankPlace:
 
 _place: RankPlace | None = None
 _finishers: list[Callable[[], None]] = []
+_lazy_group: tuple[str, timedelta] | None = None  # (backend, timeout) under `phalanx run`
 
 
 def enter_rank(place: RankPlace) -> None:
@@ -41,8 +53,32 @@ def enter_rank(place: RankPlace) -> None:
 
 def leave_rank() -> None:
     """This process is no rank any more (the caller's own rank ends, a worker winds down)."""
-    global _place
+    global _place, _lazy_group
     _place = None
+    _lazy_group = None
+
+
+def allow_lazy_group(backend: str, timeout: timedelta) -> None:
+    """Under `phalanx run`: no group yet; `join_lazy_group` makes one (env://) when one is needed."""
+    global _lazy_group
+    _lazy_group = (backend, timeout)
+
+
+def join_lazy_group() -> bool:
+    """Make this rank's process group now, if `phalanx run` left it to be made on first use.
+
+    The script may have made it already (`init_process_group()`): then that one stands. Joins
+    with torch's env:// convention, through the variables torchrun's agent sets, so that ranks
+    whose script makes the group itself and ranks whose helpers make it meet alike. True when
+    a group exists afterwards.
+    """
+    if dist.is_initialized():
+        return True
+    if _lazy_group is None:
+        return False
+    backend, timeout = _lazy_group
+    dist.init_process_group(backend, init_method="env://", timeout=timeout)
+    return True
 
 
 def current_place() -> RankPlace | None:

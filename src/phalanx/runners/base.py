@@ -34,6 +34,11 @@ class RunRequest:
     environment: Environment | None = None
     # Added to the ranks' environment only: the restart count, a sweep point's GPU.
     rank_variables: Mapping[str, str] = field(default_factory=dict)
+    # `phalanx run`: torchrun's variables in every rank and no process group until the script
+    # makes one (or a phalanx helper needs one); `role` and `run_id` are torchrun's --role, --rdzv-id.
+    torchrun_style: bool = False
+    role: str = "default"
+    run_id: str = "none"
 
 
 class Runner(Protocol):

@@ -194,7 +194,15 @@ class LocalRunner:
         port = self.open_store(secret)
         try:
             self.job = local_job_spec(
-                platform, port, secret, request.caller_rank, request.gather, request.rank_variables
+                platform,
+                port,
+                secret,
+                request.caller_rank,
+                request.gather,
+                request.rank_variables,
+                request.torchrun_style,
+                request.role,
+                request.run_id,
             )
             ranks = [rank for rank in self.job.node_ranks if rank != request.caller_rank]
             self.local_job = LocalJob(self.job, ranks, platform.console_logs, platform.rank_prefix)

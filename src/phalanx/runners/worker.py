@@ -49,6 +49,26 @@ def importing_the_call() -> bool:
 _sessions_left_open: list[contextlib.ExitStack] = []
 
 
+def torchrun_environment(job: JobSpec, rank: int) -> dict[str, str]:
+    """What torchrun's agent sets in a worker besides the place (torch's local_elastic_agent.py).
+
+    The store at MASTER_ADDR:MASTER_PORT is the caller's, as torchrun's agent's is its own:
+    TORCHELASTIC_USE_AGENT_STORE tells init_process_group's env:// to join it, not host one.
+    """
+    return {
+        variables.ROLE_RANK: str(rank),
+        variables.ROLE_NAME: job.role,
+        variables.ROLE_WORLD_SIZE: str(job.world_size),
+        variables.GROUP_WORLD_SIZE: str(job.world_size // job.local_world_size),
+        variables.TORCHELASTIC_RESTART_COUNT: os.environ.get(variables.RESTART_COUNT, "0"),
+        variables.TORCHELASTIC_MAX_RESTARTS: str(job.max_restarts),
+        variables.TORCHELASTIC_RUN_ID: job.run_id,
+        variables.TORCHELASTIC_USE_AGENT_STORE: "True",
+        variables.TORCHELASTIC_ERROR_FILE: job.error_file,
+        variables.TORCH_NCCL_ASYNC_ERROR_HANDLING: os.environ.get(variables.TORCH_NCCL_ASYNC_ERROR_HANDLING, "1"),
+    }
+
+
 def rank_environment(job: JobSpec, rank: int, local_rank: int) -> dict[str, str]:
     """The variables torch.distributed and user code read to know their place."""
     return {
@@ -89,19 +109,26 @@ def rank_session(job: JobSpec, rank: int, local_rank: int, store: dist.Store | N
     saved_environ = dict(os.environ)
     saved_threads = torch.get_num_threads()
     os.environ.update(rank_environment(job, rank, local_rank))
+    if job.process_group == "lazy":
+        os.environ.update(torchrun_environment(job, rank))
     try:
         device = select_rank_device(job.device, local_rank)
-        if job.n_cpus:
+        if job.process_group == "lazy" and os.environ.get(variables.OMP_NUM_THREADS, "").isdigit():
+            torch.set_num_threads(max(1, int(os.environ[variables.OMP_NUM_THREADS])))  # as a fresh process would
+        elif job.n_cpus:
             torch.set_num_threads(job.n_cpus)
         timeout = job.timeout_delta
         if job.backend == "gloo" and job.gloo_interface is not None and "GLOO_SOCKET_IFNAME" not in os.environ:
             os.environ["GLOO_SOCKET_IFNAME"] = job.gloo_interface  # ranks on other hosts must reach this one
-        if store is None:
-            store = connect_store(
-                job.master_addr, job.master_port, timeout, job.secret, connect_timeout=job.connect_timeout_delta
-            )
-        dist.init_process_group(job.backend, store=store, rank=rank, world_size=job.world_size, timeout=timeout)
-        _wait_for_every_rank(store, job.world_size)
+        if job.process_group == "eager":
+            if store is None:
+                store = connect_store(
+                    job.master_addr, job.master_port, timeout, job.secret, connect_timeout=job.connect_timeout_delta
+                )
+            dist.init_process_group(job.backend, store=store, rank=rank, world_size=job.world_size, timeout=timeout)
+            _wait_for_every_rank(store, job.world_size)
+        else:  # the script makes its group (env://), or a phalanx helper does on first use
+            rank_state.allow_lazy_group(job.backend, timeout)
         rank_state.enter_rank(rank_state.RankPlace(device, local_rank, job.local_world_size, job.node_rank))
         if job.seed is not None:
             seed_everything(job.seed)
