@@ -29,6 +29,7 @@ from phalanx.runners.channel import dumps_call, dumps_value
 from phalanx.runners.failure_log import FailureLog, causes_first
 from phalanx.runners.hang_watch import CallerRank, HangWatch
 from phalanx.runners.hangs import looks_like_timeout
+from phalanx.runners.output import RankOutput, rank_outputs
 from phalanx.runners.processes import SIGNAL_GRACE_SECONDS, STOP_GRACE_SECONDS, ProcessSet, Worker
 from phalanx.runners.shared_tensors import remove_shared_files
 from phalanx.signals import signal_of
@@ -39,12 +40,14 @@ __all__ = ["LocalJob", "LocalRunner", "collect_values"]
 class LocalJob:
     """The ranks of one launch on this node, seen from the caller: their processes, failures and hangs."""
 
-    def __init__(self, job: JobSpec, worker_ranks: list[int], show_output: bool, rank_prefix: bool) -> None:
+    def __init__(
+        self, job: JobSpec, worker_ranks: list[int], outputs: Callable[[int], tuple[RankOutput, RankOutput]]
+    ) -> None:
         self.job = job
         self.lock = threading.Lock()
         self.failure_log = FailureLog()
         self.caller = CallerRank(job.caller_rank)
-        self.processes = ProcessSet(job, worker_ranks, show_output, rank_prefix, events=self)
+        self.processes = ProcessSet(job, worker_ranks, outputs, events=self)
         self.hangs = HangWatch(
             job.timeout, self.processes, self.failure_log, self.lock, self.caller, self._stop_after_failure
         )
@@ -205,7 +208,7 @@ class LocalRunner:
                 request.run_id,
             )
             ranks = [rank for rank in self.job.node_ranks if rank != request.caller_rank]
-            self.local_job = LocalJob(self.job, ranks, platform.console_logs, platform.rank_prefix)
+            self.local_job = LocalJob(self.job, ranks, lambda rank: rank_outputs(rank, platform))
             self.watch_other_nodes(self.local_job)
             self.local_job.start(self._payload, lambda: self.start_store(secret))
         except BaseException:

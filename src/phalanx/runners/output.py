@@ -9,7 +9,9 @@ from __future__ import annotations
 import sys
 from collections import deque
 
-__all__ = ["RankOutput"]
+from phalanx.platform import Platform
+
+__all__ = ["RankOutput", "rank_outputs"]
 
 _TAIL_LINES = 60
 
@@ -77,3 +79,9 @@ class RankOutput:
 
     def tail_text(self) -> str:
         return "\n".join(self.tail)
+
+
+def rank_outputs(rank: int, platform: Platform) -> tuple[RankOutput, RankOutput]:
+    """A rank's stdout and stderr, shown (or not) and prefixed as `platform` asks."""
+    show, prefix = platform.console_logs, platform.rank_prefix
+    return RankOutput(rank, "stdout", show, prefix), RankOutput(rank, "stderr", show, prefix)

@@ -107,13 +107,16 @@ def spawn(header: dict[str, Any], payload: bytes, write_ends: list[int]):
 class ProcessSet:
     """The workers of one job on this node: start them, watch their pipes, signal and reap them."""
 
-    def __init__(self, job: JobSpec, ranks: list[int], show: bool, prefix: bool, events: ProcessEvents) -> None:
+    def __init__(
+        self,
+        job: JobSpec,
+        ranks: list[int],
+        outputs: Callable[[int], tuple[RankOutput, RankOutput]],
+        events: ProcessEvents,
+    ) -> None:
         self.job = job
         self.events = events
-        self.workers = [
-            Worker(rank, -1, RankOutput(rank, "stdout", show, prefix), RankOutput(rank, "stderr", show, prefix))
-            for rank in ranks
-        ]
+        self.workers = [Worker(rank, -1, *outputs(rank)) for rank in ranks]
         self.internal_error: BaseException | None = None
         self.done = threading.Event()
         self.lock = threading.Lock()  # guards the socket and the stop state against the monitor thread
