@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 
@@ -334,3 +335,222 @@ def test_a_checkpoint_gets_the_umask_permissions_not_private_ones(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "ckpt.pt").stat().st_mode & 0o777 == 0o644
+
+
+# -- a refused load changes nothing ---------------------------------------------------------------
+
+
+def _trained_context() -> px.Context:
+    """A session with something in every part: trained weights, optimizer moments, a loader mid-epoch."""
+    torch.manual_seed(3)
+    data = torch.randn(32, 4)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
+    loader = px.dataloader(TensorDataset(data), batch_size=4, shuffle=True, seed=5, device="cpu")
+    ctx = px.Context(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, epoch=0, step=0)
+    batches = iter(ctx.loader)
+    for _ in range(3):
+        (x,) = next(batches)
+        ctx.optimizer.zero_grad()
+        ctx.model(x).sum().backward()
+        ctx.optimizer.step()
+        ctx.scheduler.step()
+        ctx.step += 1
+    ctx.epoch = 1
+    return ctx
+
+
+def _everything(ctx: px.Context) -> dict:
+    """A deep copy of all a load could change: parameters, optimizer and scheduler state, counters,
+    the loader's position and flags, the generator state."""
+    return copy.deepcopy(
+        {
+            "model": ctx.model.state_dict(),
+            "optimizer": ctx.optimizer.state_dict(),
+            "scheduler": ctx.scheduler.state_dict(),
+            "loader": {**ctx.loader.state_dict(), "flags": (ctx.loader._in_pass, ctx.loader._resuming)},
+            "counters": (ctx.epoch, ctx.step),
+            "names": sorted(vars(ctx)),
+            "rng": torch.get_rng_state(),
+        }
+    )
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def _other_state() -> dict:
+    """A checkpoint of the same session, further on: every part of it differs from `_trained_context`."""
+    other = _trained_context()
+    with torch.no_grad():
+        for parameter in other.model.parameters():
+            parameter.add_(1.0)
+    other.epoch, other.step = 7, 70
+    other.loader.load_state_dict({"epoch": 2, "batches": 1})
+    state = other.state_dict()
+    state["__phalanx__"]["rng"] = [state["__phalanx__"]["rng"]]
+    return state
+
+
+# How each checkpoint is damaged, and what the refusal says (the check that finds it, before any change).
+_DAMAGES = {
+    "model weight of another shape": (
+        lambda state: state["model"].__setitem__("0.weight", torch.zeros(5, 4)),
+        "model.0.weight has shape (5, 4), expected (3, 4)",
+    ),
+    "model misses a key": (lambda state: state["model"].pop("1.bias"), "'model' misses ['1.bias']"),
+    "model holds a list for a tensor": (
+        lambda state: state["model"].__setitem__("1.bias", [0.5]),
+        "model.1.bias is of type list in the checkpoint, expected a tensor",
+    ),
+    "model is a tensor": (
+        lambda state: state.__setitem__("model", torch.zeros(3)),
+        "'model' is a module here, but the checkpoint holds a value of type Tensor",
+    ),
+    "optimizer moment of another shape": (
+        lambda state: state["optimizer"]["state"][0].__setitem__("exp_avg", torch.zeros(4, 3)),
+        "optimizer.state[0]['exp_avg'] has shape (4, 3), expected (3, 4)",
+    ),
+    "optimizer misses param_groups": (
+        lambda state: state["optimizer"].pop("param_groups"),
+        "'optimizer' misses ['param_groups']",
+    ),
+    "optimizer has another group size": (
+        lambda state: state["optimizer"]["param_groups"][0]["params"].pop(),
+        "'optimizer' has parameter groups of sizes [3] in the checkpoint, expected [4]",
+    ),
+    "optimizer is None": (
+        lambda state: state.__setitem__("optimizer", None),
+        "'optimizer' (Adam here) needs its state, but the checkpoint holds None",
+    ),
+    "optimizer is a number": (
+        lambda state: state.__setitem__("optimizer", 5),
+        "'optimizer' is an optimizer here, but the checkpoint holds a value of type int",
+    ),
+    "scheduler is None": (
+        lambda state: state.__setitem__("scheduler", None),
+        "'scheduler' (StepLR here) needs its state, but the checkpoint holds None",
+    ),
+    "scheduler is a list": (
+        lambda state: state.__setitem__("scheduler", [1, 2]),
+        "'scheduler' (StepLR here) has a dict for its state, but the checkpoint holds a value of type list",
+    ),
+    "scheduler is missing": (
+        lambda state: state.pop("scheduler"),
+        "'scheduler' is registered here but not in the checkpoint",
+    ),
+    "loader is None": (
+        lambda state: state.__setitem__("loader", None),
+        "'loader' (ShardedLoader here) needs its state, but the checkpoint holds None",
+    ),
+    "loader misses batches": (lambda state: state["loader"].pop("batches"), "'loader' misses 'batches'"),
+    "loader batches is a string": (
+        lambda state: state["loader"].__setitem__("batches", "two"),
+        "'loader' has batches='two', expected a whole number >= 0",
+    ),
+    "epoch is a string": (
+        lambda state: state.__setitem__("epoch", "seven"),
+        "'epoch' is of type int here, but the checkpoint holds a value of type str",
+    ),
+    # No check finds this one before loading: the generator states are set last, and put back.
+    "generator state is broken": (
+        lambda state: state["__phalanx__"].__setitem__("rng", [{"python": "broken"}]),
+        "loading the random number generator states failed",
+    ),
+}
+
+
+@pytest.mark.parametrize("how", list(_DAMAGES))
+def test_a_refused_load_leaves_every_parameter_state_counter_and_position_as_it_was(how):
+    ctx = _trained_context()
+    state = _other_state()
+    damage, reason = _DAMAGES[how]
+    damage(state)
+    before = _everything(ctx)
+    with pytest.raises(
+        px.CheckpointError, match="the checkpoint does not fit this Context, nothing was loaded"
+    ) as info:
+        ctx.load_state_dict(state)
+    assert reason in str(info.value)
+    assert _same(_everything(ctx), before)
+
+
+def test_the_undamaged_checkpoint_of_the_refusal_tests_loads_and_changes_everything():
+    """The control for the refusal tests: without the damage, every part they compare changes."""
+    ctx = _trained_context()
+    before = _everything(ctx)
+    ctx.load_state_dict(_other_state())
+    after = _everything(ctx)
+    for part in ("model", "loader", "counters"):
+        assert not _same(after[part], before[part]), part
+    assert (ctx.epoch, ctx.step, ctx.loader.state_dict()) == (7, 70, {"epoch": 2, "batches": 1})
+
+
+class _FailsHalfway:
+    """A stateful object whose load changes part of it, then raises: only a snapshot can undo it."""
+
+    def __init__(self) -> None:
+        self.count, self.name = 1, "first"
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "name": self.name}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = state["count"]
+        self.name = state["name"]
+
+
+def test_an_object_that_fails_halfway_through_its_load_is_put_back_with_everything_before_it():
+    model = torch.nn.Linear(2, 2)
+    ctx = px.Context(model=model, tracker=_FailsHalfway())
+    state = copy.deepcopy(ctx.state_dict())
+    with torch.no_grad():
+        state["model"]["weight"].add_(1.0)
+    state["tracker"] = {"count": 9}  # the name is missing: the load fails after changing count
+    weight = model.weight.detach().clone()
+    with pytest.raises(px.CheckpointError, match=r"loading 'tracker' failed \(KeyError.*was put back"):
+        ctx.load_state_dict(state)
+    assert torch.equal(model.weight, weight) and ctx.tracker.count == 1 and ctx.tracker.name == "first"
+
+
+def test_a_refused_checkpoint_file_names_every_mismatch_and_changes_nothing(tmp_path):
+    ctx = _trained_context()
+    state = _other_state()
+    state["loader"] = None
+    state["optimizer"]["state"][0]["exp_avg"] = torch.zeros(2)
+    torch.save(state, tmp_path / "ckpt.pt")
+    before = _everything(ctx)
+    with pytest.raises(px.CheckpointError) as info:
+        ctx.load(tmp_path / "ckpt.pt")
+    assert "'loader' (ShardedLoader here) needs its state, but the checkpoint holds None" in str(info.value)
+    assert "optimizer.state[0]['exp_avg'] has shape (2,), expected (3, 4)" in str(info.value)
+    assert _same(_everything(ctx), before)
+
+
+def test_a_non_strict_load_leaves_objects_the_checkpoint_lacks_as_they_are():
+    ctx = _trained_context()
+    state = _other_state()
+    del state["optimizer"], state["loader"]
+    optimizer, loader = copy.deepcopy(ctx.optimizer.state_dict()), ctx.loader.state_dict()
+    ctx.load_state_dict(state, strict=False)
+    assert ctx.step == 70 and _same(ctx.optimizer.state_dict(), optimizer) and ctx.loader.state_dict() == loader
+
+
+def test_none_saved_for_an_object_a_checkpoint_cannot_hold_keeps_the_object():
+    def loss(x):
+        return x.sum()
+
+    ctx = px.Context(loss=loss, step=0)
+    ctx.load_state_dict({"loss": None, "step": 3})
+    assert ctx.loss is loss and ctx.step == 3
+    with pytest.raises(px.CheckpointError, match=r"'loss' \(function here\) is not restored from checkpoints"):
+        ctx.load_state_dict({"loss": 1.0, "step": 4})
+    assert ctx.loss is loss and ctx.step == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 
 import pytest
 
@@ -67,3 +68,22 @@ def test_a_log_dir_keeps_a_json_record_and_a_private_value_file_per_finished_poi
     assert record["params"] == {"lr": 0.1, "depth": 1}
     assert sorted(os.listdir(points)) == sorted([record_file.name, record["value_file"]])
     assert all(stat.S_IMODE((points / name).stat().st_mode) == 0o600 for name in os.listdir(points))
+
+
+class _HoldsALock:
+    """A callable that cannot be pickled, as a pystematic Experiment cannot (its help output holds an RLock)."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+        self.lock = threading.RLock()
+
+    def __call__(self, lr):
+        self.marker.touch()
+        return lr
+
+
+def test_a_function_that_cannot_be_pickled_is_refused_before_any_point_runs(tmp_path):
+    marker = tmp_path / "ran"
+    with pytest.raises(px.SerializationError, match=r"sweep\(\): the function .*_HoldsALock.* cannot be sent.*RLock"):
+        px.sweep(_HoldsALock(marker), {"lr": [0.1, 0.2]}, platform=px.Platform(device="cpu", n_procs=2), progress=False)
+    assert not marker.exists()

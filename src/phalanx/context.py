@@ -10,6 +10,8 @@ even mid-epoch. Loading runs no code from the file (`weights_only=True`).
 from __future__ import annotations
 
 import atexit
+import collections
+import copy
 import glob
 import os
 import pickle
@@ -19,7 +21,7 @@ import stat
 import sys
 import threading
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from phalanx import dist as ranks
 from phalanx.errors import CheckpointError
 from phalanx.files import create_exclusive, temporary_beside
 from phalanx.rank_state import on_rank_finish
-from phalanx.training import prepare_model, unwrap_model
+from phalanx.training import ShardedLoader, prepare_model, unwrap_model
 
 __all__ = [
     "Context",
@@ -40,6 +42,7 @@ __all__ = [
     "set_rng_state",
     "wait_for_saves",
     "write_atomically",
+    "written_by_context",
 ]
 
 _META = "__phalanx__"
@@ -346,10 +349,15 @@ def read_weights_only(path: Path) -> Any:
     return state
 
 
+def written_by_context(state: Any) -> bool:
+    """True when `state` is what `Context.state_dict` returns: it has phalanx's own entry."""
+    return isinstance(state, Mapping) and _META in state
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load a `Context` checkpoint without running any code from it; clear errors for every bad file."""
     state = read_weights_only(path)
-    if not isinstance(state, dict) or _META not in state:
+    if not isinstance(state, dict) or not written_by_context(state):
         raise CheckpointError(f"{path} is not a phalanx Context checkpoint (no {_META} entry)")
     return state
 
@@ -403,34 +411,79 @@ class Context:
         state[_META] = {"version": _FORMAT_VERSION, "world_size": ranks.get_world_size(), "rng": rng_state()}
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` (or a checkpoint) holds; checks everything before changing anything."""
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore what `state_dict` (or a checkpoint) holds: all of it, or nothing.
+
+        Every entry is checked before anything changes: models (keys, shapes, tensors),
+        optimizers (groups, parameters, state shapes), loaders (position), plain values (their
+        kind), and that no state is None where one is needed. An object that still refuses its
+        state while loading puts everything back as it was (a copy of what it replaces is kept,
+        models' on the CPU). A refused state raises `CheckpointError` and changes nothing.
+        `strict=False` leaves registered objects that `state` has no entry for as they are
+        (instead of refusing the state).
+        """
+        if not isinstance(state, Mapping):
+            raise CheckpointError(
+                f"a Context state is a dict of entries by name, as state_dict() returns; got a {type(state).__name__}"
+            )
+        self._check_compatible(state, strict)
         meta = state.get(_META, {})
-        self._check_compatible(state)
-        stateful = [(name, value) for name, value in self._entries() if _is_stateful(value) and name in state]
-        # Models first: optimizers map their state onto the parameters' devices when loaded.
-        stateful.sort(key=lambda entry: not isinstance(entry[1], torch.nn.Module))
-        for name, value in stateful:
-            target = unwrap_model(value) if isinstance(value, torch.nn.Module) else value
-            target.load_state_dict(state[name])
-        for name, value in state.items():
-            if name != _META and not _is_stateful(getattr(self, name, None)):
-                setattr(self, name, value)
-        rng = meta.get("rng")
+        registered = dict(self._entries())
+        stateful = [(name, value) for name, value in registered.items() if _is_stateful(value) and name in state]
+        stateful.sort(key=lambda entry: not isinstance(entry[1], torch.nn.Module))  # models first, as before
+        plain = {
+            name: value
+            for name, value in state.items()
+            if name != _META and not _is_stateful(registered.get(name)) and not _keeps_object(registered, name, value)
+        }
+        rng = meta.get("rng") if isinstance(meta, Mapping) else None
         if isinstance(rng, list):  # a checkpoint holds every rank's states
             rng = rng[ranks.get_rank()] if len(rng) == ranks.get_world_size() else None
-        if rng is not None:
-            set_rng_state(rng)
+        undo: list[tuple[str, Callable[[], None]]] = []
+        step = ""
+        try:
+            for name, value in stateful:
+                step = repr(name)
+                target = unwrap_model(value) if isinstance(value, torch.nn.Module) else value
+                undo.append((step, _keep(target)))
+                target.load_state_dict(state[name])
+            for name, value in plain.items():
+                step = repr(name)
+                undo.append((step, self._keep_attribute(name)))
+                setattr(self, name, value)
+            if rng is not None:
+                step = "the random number generator states"
+                undo.append((step, _keep_rng()))
+                set_rng_state(rng)
+        except Exception as error:
+            unrestored = _undo(undo)
+            message = (
+                f"the checkpoint does not fit this Context, nothing was loaded: loading {step} failed "
+                f"({type(error).__name__}: {str(error)[:300]}), and what was loaded before it was put back"
+            )
+            if unrestored:
+                message += "; putting back " + ", ".join(unrestored) + " failed, so those may have changed"
+            raise CheckpointError(message) from error
 
-    def _check_compatible(self, state: dict[str, Any]) -> None:
+    def _keep_attribute(self, name: str) -> Callable[[], None]:
+        previous = vars(self).get(name, _ABSENT)
+
+        def put_back() -> None:
+            if previous is _ABSENT:
+                vars(self).pop(name, None)
+            else:
+                setattr(self, name, previous)
+
+        return put_back
+
+    def _check_compatible(self, state: Mapping[str, Any], strict: bool = True) -> None:
         problems = []
         for name, value in self._entries():
             if name not in state:
-                if _is_stateful(value):
+                if strict and _is_stateful(value):
                     problems.append(f"{name!r} is registered here but not in the checkpoint")
                 continue
-            if isinstance(value, torch.nn.Module):
-                problems += _module_mismatches(name, unwrap_model(value), state[name])
+            problems += _entry_problems(name, value, state[name])
         if problems:
             raise CheckpointError(
                 "the checkpoint does not fit this Context, nothing was loaded: " + "; ".join(problems[:10])
@@ -534,9 +587,67 @@ class Context:
         return self
 
 
+_ABSENT = object()
+
+# Optimizer state entries that always have the shape of their parameter (torch's own
+# optimizers); others (LBFGS's flat vectors, Adafactor's factored moments) are not checked.
+_PARAM_SHAPED_STATE = frozenset(
+    {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta", "sum", "exp_inf"}
+    | {"grad_avg", "prev", "step_size", "ax"}
+)
+
+
+def _kind(value: Any) -> str:
+    """A plain value's kind, for telling a checkpoint's value from the one registered here."""
+    if isinstance(value, torch.Tensor):
+        return "tensor"
+    if isinstance(value, (bool, int, float)):
+        return "number"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    return type(value).__name__
+
+
+def _keeps_object(registered: dict[str, Any], name: str, saved: Any) -> bool:
+    """True for None saved for an object `state_dict` does not save: nothing to restore, keep it."""
+    value = registered.get(name, _ABSENT)
+    return saved is None and value is not _ABSENT and not _is_stateful(value) and not _is_plain(value)
+
+
+def _entry_problems(name: str, value: Any, saved: Any) -> list[str]:
+    """What keeps `saved` from loading into `value`, registered as `name`; empty when it fits."""
+    if _is_stateful(value):
+        target = unwrap_model(value) if isinstance(value, torch.nn.Module) else value
+        if saved is None:
+            return [f"{name!r} ({type(target).__name__} here) needs its state, but the checkpoint holds None for it"]
+        if isinstance(target, torch.nn.Module):
+            return _module_mismatches(name, target, saved)
+        if isinstance(target, torch.optim.Optimizer):
+            return _optimizer_mismatches(name, target, saved)
+        if isinstance(target, ShardedLoader):
+            return [f"{name!r} {problem}" for problem in target._state_problems(saved)]
+        if isinstance(target.state_dict(), Mapping) and not isinstance(saved, Mapping):
+            return [
+                f"{name!r} ({type(target).__name__} here) has a dict for its state, but the checkpoint holds a value "
+                f"of type {type(saved).__name__}"
+            ]
+        return []
+    if _is_plain(value):
+        if value is None or saved is None or _kind(value) == _kind(saved):
+            return []
+        here, there = type(value).__name__, type(saved).__name__
+        return [f"{name!r} is of type {here} here, but the checkpoint holds a value of type {there}"]
+    if saved is None:
+        return []
+    return [
+        f"{name!r} ({type(value).__name__} here) is not restored from checkpoints (it has no state_dict), but the "
+        f"checkpoint holds a value of type {type(saved).__name__} for it"
+    ]
+
+
 def _module_mismatches(name: str, module: torch.nn.Module, saved: Any) -> list[str]:
-    if not isinstance(saved, dict):
-        return [f"{name!r} is a module here but a {type(saved).__name__} in the checkpoint"]
+    if not isinstance(saved, Mapping):
+        return [f"{name!r} is a module here, but the checkpoint holds a value of type {type(saved).__name__}"]
     current = module.state_dict()
     problems = []
     missing = sorted(set(current) - set(saved))
@@ -545,10 +656,114 @@ def _module_mismatches(name: str, module: torch.nn.Module, saved: Any) -> list[s
         problems.append(f"{name!r} misses {missing[:3]} in the checkpoint")
     if unexpected:
         problems.append(f"{name!r} has unexpected entries {unexpected[:3]} in the checkpoint")
-    for key in set(current) & set(saved):
-        if isinstance(saved[key], torch.Tensor) and saved[key].shape != current[key].shape:
+    for key in sorted(set(current) & set(saved)):
+        if not isinstance(current[key], torch.Tensor):  # a module's extra state: any value
+            continue
+        if not isinstance(saved[key], torch.Tensor):
+            # torch would copy every other tensor first and raise only at the end
+            problems.append(f"{name}.{key} is of type {type(saved[key]).__name__} in the checkpoint, expected a tensor")
+        elif saved[key].shape != current[key].shape:
             problems.append(f"{name}.{key} has shape {tuple(saved[key].shape)}, expected {tuple(current[key].shape)}")
     return problems
+
+
+def _optimizer_mismatches(name: str, optimizer: torch.optim.Optimizer, saved: Any) -> list[str]:
+    if not isinstance(saved, Mapping):
+        return [f"{name!r} is an optimizer here, but the checkpoint holds a value of type {type(saved).__name__}"]
+    missing = [key for key in ("state", "param_groups") if key not in saved]
+    if missing:
+        return [f"{name!r} misses {missing} in the checkpoint"]
+    groups, state = saved["param_groups"], saved["state"]
+    if not isinstance(groups, (list, tuple)) or not all(
+        isinstance(group, Mapping) and isinstance(group.get("params"), (list, tuple)) for group in groups
+    ):
+        return [f"{name!r} has param_groups in the checkpoint that are not a list of groups with their params"]
+    if not isinstance(state, Mapping):
+        return [f"{name!r} has a state of type {type(state).__name__} in the checkpoint, expected a dict"]
+    saved_sizes = [len(group["params"]) for group in groups]
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    if saved_sizes != sizes:
+        return [f"{name!r} has parameter groups of sizes {saved_sizes} in the checkpoint, expected {sizes}"]
+    # torch maps the saved parameter ids onto this optimizer's parameters in order
+    parameters = {
+        saved_id: parameter
+        for saved_group, group in zip(groups, optimizer.param_groups, strict=True)
+        for saved_id, parameter in zip(saved_group["params"], group["params"], strict=True)
+    }
+    problems = []
+    for saved_id, entry in state.items():
+        parameter = parameters.get(saved_id)
+        if parameter is None:
+            continue
+        if not isinstance(entry, Mapping):
+            problems.append(
+                f"{name}.state[{saved_id}] is of type {type(entry).__name__} in the checkpoint, expected a dict"
+            )
+            continue
+        for key, tensor in entry.items():
+            if key in _PARAM_SHAPED_STATE and isinstance(tensor, torch.Tensor) and tensor.shape != parameter.shape:
+                problems.append(
+                    f"{name}.state[{saved_id}][{key!r}] has shape {tuple(tensor.shape)}, expected "
+                    f"{tuple(parameter.shape)} (its parameter's)"
+                )
+    return problems
+
+
+def _copy_to_cpu(value: Any) -> Any:
+    """A copy of a state that no later load can change: tensors copied to the CPU, the rest deep-copied."""
+    if isinstance(value, torch.Tensor):
+        return value if value.is_meta else value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        copied = type(value)() if type(value) in (dict, collections.OrderedDict) else {}
+        for key, item in value.items():
+            copied[key] = _copy_to_cpu(item)
+        if hasattr(value, "_metadata"):  # a module's state_dict: the versions its loading reads
+            copied._metadata = copy.deepcopy(value._metadata)
+        return copied
+    if isinstance(value, list):
+        return [_copy_to_cpu(item) for item in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_copy_to_cpu(item) for item in value)
+    return copy.deepcopy(value)
+
+
+def _keep(target: Any) -> Callable[[], None]:
+    """Keep what puts `target` back as it is now; returns the function that does it."""
+    if isinstance(target, torch.nn.Module):
+        saved = _copy_to_cpu(target.state_dict())  # loading writes into the parameters themselves
+        return lambda: target.load_state_dict(saved)
+    # Loading may replace attributes (the optimizer's state, a loader's flags) or write into
+    # them (a scaler's scale tensor): the attributes undo the one, the state the other. An
+    # optimizer's loading replaces its state, never writes into it, so its attributes suffice.
+    attributes = dict(vars(target)) if hasattr(target, "__dict__") else None
+    saved = None if isinstance(target, torch.optim.Optimizer) else _copy_to_cpu(target.state_dict())
+
+    def put_back() -> None:
+        try:
+            if saved is not None:
+                target.load_state_dict(saved)
+        finally:
+            if attributes is not None:
+                vars(target).clear()
+                vars(target).update(attributes)
+
+    return put_back
+
+
+def _keep_rng() -> Callable[[], None]:
+    saved = rng_state()
+    return lambda: set_rng_state(saved)
+
+
+def _undo(undo: list[tuple[str, Callable[[], None]]]) -> list[str]:
+    """Run the put-backs, last first; return what could not be put back."""
+    failed = []
+    for step, put_back in reversed(undo):
+        try:
+            put_back()
+        except Exception:
+            failed.append(step)
+    return failed
 
 
 def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:

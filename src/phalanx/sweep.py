@@ -27,7 +27,7 @@ from typing import Any
 
 import cloudpickle
 
-from phalanx.errors import PhalanxError, UntrustedFileError
+from phalanx.errors import PhalanxError, SerializationError, UntrustedFileError
 from phalanx.files import PRIVATE_MODE, check_trusted_folder, read_trusted, write_atomically
 from phalanx.launch import run_job
 from phalanx.platform import Platform
@@ -150,6 +150,8 @@ def sweep(
     with its parameters and its value or `WorkerError`; failures do not stop other points.
     `log_dir` keeps finished points (private files, JSON records) for a rerun to skip; a file
     there that another user could have written raises `UntrustedFileError` before any point runs.
+    A `fn` that cannot be pickled (it holds a lock, say) raises `SerializationError` before any
+    point runs, too.
 
     Example::
 
@@ -159,6 +161,7 @@ def sweep(
     """
     platform = platform or Platform()
     points = grid_points(grid)
+    _check_sendable(fn)
     results = [SweepResult(params=point) for point in points]
     folder = None
     finished: dict[int, bytes] = {}
@@ -210,6 +213,23 @@ def sweep(
     if bar is not None:
         bar.close()
     return results
+
+
+def _check_sendable(fn: Callable[..., Any]) -> None:
+    """Refuse, before any point runs, a function that cannot reach the points' processes.
+
+    Otherwise every point would fail alike, each with the same pickling error.
+    """
+    try:
+        cloudpickle.dumps(fn)
+    except Exception as error:
+        text = repr(fn)
+        text = text if len(text) <= 80 else text[:77] + "..."
+        raise SerializationError(
+            f"sweep(): the function {text} cannot be sent to the points' processes ({type(error).__name__}: "
+            f"{error}); no point ran. Pass a function that builds what it needs (a lock, an open file, a "
+            "connection) inside itself, from picklable arguments."
+        ) from error
 
 
 def _launch_with_environment(

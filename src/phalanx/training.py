@@ -198,11 +198,35 @@ class ShardedLoader:
         return {"epoch": self.epoch, "batches": self.batches}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Continue from `state`: the next pass resumes that epoch after the consumed batches."""
+        """Continue from `state`: the next pass resumes that epoch after the consumed batches.
+
+        A state that is not a position (`{"epoch": e, "batches": b}`, whole numbers >= 0) raises
+        `ValueError` and changes nothing.
+        """
+        problems = self._state_problems(state)
+        if problems:
+            raise ValueError(
+                f"ShardedLoader.load_state_dict(): the position {'; '.join(problems)}. Pass what state_dict() "
+                "returned, for example {'epoch': 0, 'batches': 0}."
+            )
         self.epoch = int(state["epoch"])
         self.batches = int(state["batches"])
         self._in_pass = False
         self._resuming = True
+
+    @staticmethod
+    def _state_problems(state: Any) -> list[str]:
+        """What keeps `state` from being a loader position; empty when it is one (`Context` checks with it)."""
+        if not isinstance(state, Mapping):
+            return [f"is of type {type(state).__name__}, expected a dict with 'epoch' and 'batches'"]
+        problems = []
+        for key in ("epoch", "batches"):
+            value = state.get(key)
+            if key not in state:
+                problems.append(f"misses {key!r}")
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                problems.append(f"has {key}={value!r}, expected a whole number >= 0")
+        return problems
 
     def to(self, device: torch.device | str) -> ShardedLoader:
         """Deliver batches on `device` from now on."""

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import collections
+import copy
+import os
 import pathlib
+import threading
 
+import cloudpickle
 import pytest
 import torch
 
@@ -222,3 +227,178 @@ def test_load_checkpoint_refuses_a_cut_file_or_a_directory_clearly(tmp_path):
         pystematic.load_checkpoint(path)
     with pytest.raises(px.CheckpointError, match="is a directory"):
         pystematic.load_checkpoint(tmp_path)
+
+
+# -- checkpoints that pystematic-torch wrote ---------------------------------------------------
+
+
+def _pystematic_session() -> pystematic.Context:
+    """pystematic-torch's own test session (its ddp_exp), on the CPU."""
+    ctx = pystematic.torch.Context()
+    ctx.epoch = 0
+    ctx.recorder = pystematic.torch.Recorder(tensorboard=False, file=False)
+    ctx.model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Sigmoid())
+    ctx.optimzer = torch.optim.SGD(ctx.model.parameters(), lr=0.01)
+    ctx.dataloader = pystematic.torch.SmartDataLoader(dataset=Dataset(), batch_size=2, loading_bar=False)
+    ctx.loss_function = torch.nn.BCELoss()
+    return ctx
+
+
+def _pystematic_checkpoint(path: pathlib.Path, **changes) -> pathlib.Path:
+    """A file as pystematic-torch's Context.state_dict and save_checkpoint write it: every item by name,
+    None for what has no state (its SmartDataLoader is a plain DataLoader), nothing of phalanx's."""
+    state = {
+        "epoch": 1,
+        "recorder": {"count": 2},
+        "model": collections.OrderedDict(
+            [("0.weight", torch.tensor([[-0.25, 0.5]])), ("0.bias", torch.tensor([-0.75]))]
+        ),
+        "optimzer": {
+            "state": {0: {"momentum_buffer": None}, 1: {"momentum_buffer": None}},
+            "param_groups": [
+                {"lr": 0.01, "momentum": 0, "dampening": 0, "weight_decay": 0, "nesterov": False, "params": [0, 1]}
+            ],
+        },
+        "dataloader": None,
+        "loss_function": collections.OrderedDict(),
+    }
+    state.update(changes)
+    state = {name: value for name, value in state.items() if value is not _ABSENT}
+    torch.save(state, path)
+    return path
+
+
+_ABSENT = object()
+
+
+def _everything(ctx: pystematic.Context) -> dict:
+    return copy.deepcopy(
+        {
+            "model": ctx.model.state_dict(),
+            "optimizer": ctx.optimzer.state_dict(),
+            "counters": (ctx.epoch, ctx.recorder.count),
+            "loader": ctx.dataloader.state_dict(),
+            "names": sorted(vars(ctx)),
+        }
+    )
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def test_a_pystematic_torch_checkpoint_loads_and_its_none_entry_keeps_the_loader(tmp_path):
+    ctx = _pystematic_session()
+    loader, loss_function = ctx.dataloader, ctx.loss_function
+    ctx.load_state_dict(pystematic.torch.load_checkpoint(_pystematic_checkpoint(tmp_path / "checkpoint-1.pt")))
+    assert (ctx.epoch, ctx.recorder.count) == (1, 2)
+    assert torch.equal(ctx.model[0].weight, torch.tensor([[-0.25, 0.5]])) and ctx.model[0].bias.item() == -0.75
+    assert ctx.optimzer.param_groups[0]["lr"] == 0.01
+    assert ctx.dataloader is loader and ctx.dataloader.state_dict() == {"epoch": 0, "batches": 0}
+    assert ctx.loss_function is loss_function
+
+
+def test_autotransform_loads_a_pystematic_torch_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setitem(pystematic.params, "checkpoint", str(_pystematic_checkpoint(tmp_path / "checkpoint-1.pt")))
+    ctx = _pystematic_session().autotransform()
+    assert ctx.epoch == 1 and ctx.model[0].bias.item() == -0.75
+
+
+def test_entries_a_pystematic_torch_checkpoint_lacks_or_does_not_know_are_left_alone(tmp_path):
+    ctx = _pystematic_session()
+    ctx.recorder.count = 5
+    path = _pystematic_checkpoint(tmp_path / "checkpoint-1.pt", recorder=_ABSENT, optimzer=_ABSENT, extra=3)
+    optimizer = copy.deepcopy(ctx.optimzer.state_dict())
+    ctx.load_state_dict(pystematic.load_checkpoint(path))
+    assert ctx.recorder.count == 5 and ctx.epoch == 1 and not hasattr(ctx, "extra")
+    assert _same(ctx.optimzer.state_dict(), optimizer)
+
+
+@pytest.mark.parametrize(
+    "changes, reason",
+    [
+        ({"model": {"0.weight": torch.zeros(1, 3), "0.bias": torch.zeros(1)}}, "model.0.weight has shape (1, 3)"),
+        ({"model": {"0.weight": torch.zeros(1, 2)}}, "'model' misses ['0.bias']"),
+        ({"optimzer": {"state": {}}}, "'optimzer' misses ['param_groups']"),
+        ({"optimzer": 0.01}, "'optimzer' is an optimizer here, but the checkpoint holds a value of type float"),
+        ({"recorder": {"count": "two"}}, "loading 'recorder' failed"),
+        ({"epoch": "one"}, "'epoch' is of type int here, but the checkpoint holds a value of type str"),
+    ],
+    ids=["wrong shape", "missing key", "optimizer misses a key", "optimizer of a wrong type", "bad count", "bad epoch"],
+)
+def test_a_refused_pystematic_torch_checkpoint_changes_nothing(tmp_path, changes, reason):
+    ctx = _pystematic_session()
+    for input, lbl in ctx.dataloader:  # trained a little, and the loader one pass on
+        ctx.optimzer.zero_grad()
+        ctx.loss_function(ctx.model(input), lbl).backward()
+        ctx.optimzer.step()
+    ctx.recorder.count = 4
+    before = _everything(ctx)
+    state = pystematic.load_checkpoint(_pystematic_checkpoint(tmp_path / "checkpoint-1.pt", **changes))
+    with pytest.raises(px.CheckpointError, match="nothing was loaded") as info:
+        ctx.load_state_dict(state)
+    assert reason in str(info.value)
+    assert _same(_everything(ctx), before)
+
+
+# -- sweeps of a pystematic Experiment ---------------------------------------------------------
+
+
+class _ParameterManager:
+    """pystematic's, as far as a sweep sees it: defaults, checks, and the lock its help output holds."""
+
+    def __init__(self, defaults: dict) -> None:
+        self.defaults = defaults
+        self._console_lock = threading.RLock()  # rich's Console holds one: the Experiment cannot be pickled
+
+    def from_dict(self, values: dict, fail_on_unknown_values: bool = False) -> dict:
+        unknown = sorted(set(values) - set(self.defaults))
+        if fail_on_unknown_values and unknown:
+            raise ValueError(f"'{unknown[0]}' is not a recognized parameter name.")
+        return {**self.defaults, **values}
+
+
+class Experiment:
+    """pystematic's Experiment (pystematic/core.py), reduced to what run_parameter_sweep meets."""
+
+    def __init__(self, main_function, defaults: dict) -> None:
+        self.main_function = main_function
+        self.name = main_function.__name__
+        self.param_manager = _ParameterManager(defaults)
+
+    def __call__(self, params: dict) -> None:
+        self.run(params)
+
+    def run(self, params: dict) -> None:
+        self.main_function(self.param_manager.from_dict(params, fail_on_unknown_values=True))
+
+
+def shifted(params: dict) -> tuple:
+    return params["x"] + params["offset"], pystematic.params["offset"], os.getpid()
+
+
+shifted = Experiment(shifted, {"x": 0, "offset": 10})  # what @pystematic.experiment does to the name
+
+
+def test_run_parameter_sweep_runs_a_pystematic_experiment_with_its_defaults():
+    with pytest.raises(TypeError, match="RLock"):
+        cloudpickle.dumps(shifted)
+    results = pystematic.torch.run_parameter_sweep(shifted, [{"x": 1}, {"x": 2, "offset": 20}], max_num_processes=2)
+    assert [result.params["params"] for result in results] == [{"x": 1, "offset": 10}, {"x": 2, "offset": 20}]
+    assert [result.value[:2] for result in results] == [(11, 10), (22, 20)]
+    assert len({result.value[2] for result in results} | {os.getpid()}) == 3  # each run its own process
+    assert "offset" not in pystematic.params
+
+
+def test_run_parameter_sweep_refuses_params_an_experiment_does_not_declare_before_any_run(tmp_path):
+    marker = tmp_path / "ran"
+    experiment = Experiment(lambda params: marker.touch(), {"x": 0})
+    with pytest.raises(px.PhalanxError, match=r"the params \{'y': 1\} do not fit experiment .*'y' is not a recognized"):
+        pystematic.run_parameter_sweep(experiment, [{"x": 1}, {"y": 1}], max_num_processes=2)
+    assert not marker.exists()

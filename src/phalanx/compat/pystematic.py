@@ -22,13 +22,13 @@ import functools
 import os
 import pathlib
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch as _torch
 
 import phalanx as px
-from phalanx.context import read_weights_only, write_atomically
+from phalanx.context import read_weights_only, write_atomically, written_by_context
 
 __all__ = [
     "Context",
@@ -110,7 +110,40 @@ def load_checkpoint(checkpoint_file_path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _run_experiment(experiment: Callable[[dict[str, Any]], Any], params: dict[str, Any]) -> Any:
-    return experiment(params)
+    """One run, in its own process: while it runs, the module's `params` hold its values (as pystematic's do)."""
+    module_params = globals()["params"]  # the argument has the name px.sweep passes it by
+    defaults = dict(module_params)
+    module_params.update(params)
+    try:
+        return experiment(params)
+    finally:
+        module_params.clear()
+        module_params.update(defaults)
+
+
+def _what_a_run_needs(experiment: Callable[[dict[str, Any]], Any], params: dict[str, Any]) -> tuple[Callable, dict]:
+    """The callable and the params to send to a run's process.
+
+    A pystematic `Experiment` cannot be pickled (its parameters' command-line help holds a
+    lock), so its main function goes instead, with the run's values as `Experiment.run` would
+    pass them: checked and completed with the experiment's defaults, here, before any run.
+    Any other callable goes as it is.
+    """
+    main_function = getattr(experiment, "main_function", None)
+    if not callable(main_function):
+        return experiment, dict(params)
+    from_dict = getattr(getattr(experiment, "param_manager", None), "from_dict", None)
+    if not callable(from_dict):
+        return main_function, dict(params)
+    try:
+        values = from_dict(dict(params), fail_on_unknown_values=True)
+    except Exception as error:
+        name = getattr(experiment, "name", main_function.__name__)
+        raise px.PhalanxError(
+            f"run_parameter_sweep(): the params {params!r} do not fit experiment {name!r} ({error}); no run was "
+            "started. Pass only parameters the experiment declares."
+        ) from error
+    return main_function, dict(values)
 
 
 def run_parameter_sweep(
@@ -121,9 +154,12 @@ def run_parameter_sweep(
 ) -> list[px.SweepResult]:
     """Run `experiment(params)` for every dict of `list_of_params`, `max_num_processes` at a time.
 
-    Runs on `px.sweep`: with `num_gpus_per_process=1` each run gets one GPU of its own; with
-    None the runs are CPU processes that see every GPU, as in pystematic. Returns every
-    point's `px.SweepResult`; if any run failed, raises after all have run.
+    `experiment` is a pystematic `Experiment` (its main function runs, with each dict completed
+    by the experiment's defaults) or any callable that takes the params dict. Runs on
+    `px.sweep`: with `num_gpus_per_process=1` each run gets one GPU of its own; with None the
+    runs are CPU processes that see every GPU, as in pystematic. Returns every point's
+    `px.SweepResult` (`params["params"]`: the values the run got); if any run failed, raises
+    after all have run.
     """
     if num_gpus_per_process not in (None, 1):
         raise px.PlatformError(
@@ -135,8 +171,10 @@ def run_parameter_sweep(
         )
     device = "cpu" if num_gpus_per_process is None else "cuda"
     platform = px.Platform(device=device, n_procs=max_num_processes)
-    grid = [{"params": dict(point)} for point in list_of_params]
-    results = px.sweep(functools.partial(_run_experiment, experiment), grid, platform=platform, progress=False)
+    runs = [_what_a_run_needs(experiment, point) for point in list_of_params]
+    function = runs[0][0] if runs else experiment  # the same for every run
+    grid = [{"params": values} for _, values in runs]
+    results = px.sweep(functools.partial(_run_experiment, function), grid, platform=platform, progress=False)
     failed = [result for result in results if not result.ok]
     if failed:
         raise px.PhalanxError(
@@ -198,6 +236,21 @@ class Context(px.Context):
         ctx.model = torch.nn.Linear(2, 1)
         ctx.autotransform()          # checkpoint, device, DDP as `params` and the launch say
     """
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore `state`, all of it or nothing: phalanx's checkpoints, and pystematic-torch's.
+
+        A state without phalanx's own entry was written by pystematic-torch's Context, and is
+        read as pystematic-torch reads it: an entry for a name not registered here is ignored,
+        and an entry that is None (what pystematic-torch saved for objects without a state: a
+        DataLoader, a tensor, a SmartDataLoader) or absent leaves that object as it is. Every
+        other entry is checked and loaded as `px.Context.load_state_dict` does.
+        """
+        if isinstance(state, Mapping) and not written_by_context(state):
+            registered = {name for name in vars(self) if not name.startswith("_")}
+            state = {name: value for name, value in state.items() if name in registered and value is not None}
+            strict = False
+        super().load_state_dict(state, strict=strict)
 
     def cuda(self) -> Context:
         """Move everything to this rank's GPU."""
