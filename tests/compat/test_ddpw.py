@@ -265,3 +265,166 @@ def test_to_the_gpu_moves_there_or_is_refused_clearly_without_a_gpu():
             ddpw.to(torch.nn.Linear(1, 1), 0)
         return
     assert ddpw.device(ddpw.to(torch.nn.Linear(1, 1), 0)) == torch.device("cuda", 0)
+
+
+# -- DDPW 5.4 and 5.5: the ranks as keywords, and set_device --------------------------------------
+
+
+def test_readme_5_5_callable_runs_with_only_the_import_changed():
+    # DDPW 5.5's README "As a callable": def run(*args, **kwargs); start(task, *args, **kwargs).
+    result = run_script(
+        """
+        from phalanx.compat.ddpw import Platform, Wrapper
+
+        # some task
+        def run(*args, **kwargs):
+            # global and local ranks, and the process group in:
+            # kwargs['global_rank'], # kwargs['local_rank'], kwargs['group']
+            platform = kwargs['platform']
+            print(f"GPU {kwargs['global_rank']}(G)/{kwargs['local_rank']}(L); args = {args}; "
+                  f"note = {kwargs['note']}; {platform.device} of {platform.world_size}, ipc {platform.requires_ipc}")
+
+        if __name__ == '__main__':
+            # platform (e.g., 4 GPUs)
+            platform = Platform(device='cpu', n_gpus=2)
+
+            # wrapper
+            wrapper = Wrapper(platform=platform)
+
+            # start
+            wrapper.start(run, 'example', 7, note='hello')
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    for rank in range(2):
+        expected = (
+            f"[rank {rank}] GPU {rank}(G)/{rank}(L); args = ('example', 7); note = hello; Device.CPU of 2, ipc True"
+        )
+        assert expected in result.stdout
+
+
+def test_readme_5_4_decorator_runs_with_only_the_import_changed():
+    # DDPW 5.4/5.5's README "With the decorator": the ranks and the group arrive in kwargs.
+    result = run_script(
+        """
+        from phalanx.compat.ddpw import Platform, wrapper
+
+        platform = Platform(device="cpu", n_cpus=2, ram=8, n_gpus=2, verbose=True)
+
+        @wrapper(platform)
+        def run(*args, **kwargs):
+            # global and local ranks, and the process group in:
+            # kwargs['global_rank'], # kwargs['local_rank'], kwargs['group']
+            print("task", args, kwargs['global_rank'], kwargs['local_rank'], kwargs['group'].size())
+
+        if __name__ == '__main__':
+            run('example')
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "[rank 0] task ('example',) 0 0 2" in result.stdout
+    assert "[rank 1] task ('example',) 1 1 2" in result.stdout
+
+
+class _TinyModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, (3, 3))
+        self.fc = torch.nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x):
+        return torch.nn.functional.log_softmax(self.fc(torch.relu(self.conv(x)).flatten(1)), 1)
+
+
+def _mnist_style_train(*args, **kwargs):
+    # DDPW 5.5's MNIST train(): positional data, ranks and platform from kwargs, DF.set_device.
+    DF = ddpw.functional
+    batch_size, epochs, dataset = args
+    global_rank, local_rank, platform = kwargs["global_rank"], kwargs["local_rank"], kwargs["platform"]
+
+    # set the current device
+    DF.set_device(local_rank, platform)
+
+    # move the (distributed) model to the correct device
+    model = DF.to(_TinyModel(), local_rank, device=platform.device)
+
+    # sample the dataset
+    sampler = DF.get_dataset_sampler(dataset, global_rank, platform)
+    data = torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler)
+    optim = torch.optim.SGD(model.parameters(), lr=1e-2)
+
+    training_loss = torch.zeros(1).to(DF.device(model))
+    for _ in range(epochs):
+        for imgs, labels in data:
+            optim.zero_grad()
+            loss = torch.nn.functional.nll_loss(model(imgs), labels)
+            loss.backward()
+            optim.step()
+            training_loss += loss.detach()
+        training_loss /= len(data)
+
+        if platform.requires_ipc:
+            dist.all_reduce(training_loss, dist.ReduceOp.SUM)
+            training_loss /= platform.world_size
+
+    weights = px.unwrap_model(model).fc.weight.detach().clone()
+    return len(list(sampler)), training_loss.item(), weights
+
+
+def test_mnist_style_training_with_set_device_runs_on_two_cpu_ranks():
+    # DDPW 5.5's MNIST main(): Wrapper(platform).start(train, batch_size, epochs, dataset).
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(8, 1, 6, 6, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+    dataset = torch.utils.data.TensorDataset(images, labels)
+
+    platform = Platform(device="cpu", n_gpus=2)
+    (shard0, loss0, weights0), (shard1, loss1, weights1) = Wrapper(platform).start(_mnist_style_train, 2, 2, dataset)
+    assert shard0 == shard1 == 4  # each rank trained on its half
+    assert loss0 == loss1 > 0  # averaged over the ranks
+    assert torch.equal(weights0, weights1)  # DDP kept the replicas equal
+
+
+def test_set_device_leaves_cuda_alone_on_cpu_ranks():
+    def touches_cuda(*args, **kwargs):
+        ddpw.set_device(kwargs["local_rank"], kwargs["platform"])
+        return torch.cuda.is_initialized()
+
+    assert Wrapper(Platform(device="cpu", n_gpus=2)).start(touches_cuda) == [False, False]
+
+
+@pytest.mark.parametrize("kind", [Device.GPU, Device.SLURM])
+def test_set_device_makes_the_rank_gpu_current_on_gpu_and_slurm_platforms(monkeypatch, kind):
+    chosen = []
+    monkeypatch.setattr(ddpw, "is_available", lambda device_type: True)
+    monkeypatch.setattr(ddpw, "rank_device", lambda device_type, local_rank: torch.device(device_type, local_rank))
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    platform = Platform(device="cpu")
+    platform.device = kind  # a GPU platform, on a machine that may have none
+    ddpw.set_device(1, platform)
+    assert chosen == [torch.device("cuda", 1)]
+
+
+@pytest.mark.skipif(not NO_GPU, reason="needs a machine without a GPU")
+def test_set_device_on_a_gpu_platform_without_a_gpu_is_refused_clearly():
+    platform = Platform(device="cpu")
+    platform.device = Device.GPU
+    with pytest.raises(px.PlatformError, match=r"no CUDA GPU is visible"):
+        ddpw.set_device(0, platform)
+
+
+def _group_size(*args, **kwargs):
+    group = kwargs["group"]
+    return None if group is None else dist.get_world_size(group)
+
+
+def test_keyword_tasks_get_the_group_of_ipc_groups_too():
+    assert Wrapper(Platform(device="cpu", n_gpus=2, ipc_groups=[[1], [0]])).start(_group_size) == [1, 1]
+    assert Wrapper(Platform(device="cpu", n_gpus=2, ipc_groups=None)).start(_group_size) == [None, None]
+
+
+def test_task_matching_neither_convention_is_refused_before_any_rank_starts():
+    started = []
+    platform = Platform(device="cpu", n_gpus=2, upon_finish=lambda: started.append("finished"))
+    with pytest.raises(px.PhalanxError, match=r"neither.*DDPW 5\.3 calls.*DDPW 5\.4 and 5\.5 call"):
+        Wrapper(platform).start(lambda data: data, 1)
+    assert started == []

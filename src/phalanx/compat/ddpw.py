@@ -2,15 +2,23 @@
 
     from phalanx.compat.ddpw import Platform, Wrapper       # was: from ddpw import Platform, Wrapper
 
-    def task(global_rank, local_rank, process_group, args):
+    def task(global_rank, local_rank, process_group, args):          # DDPW 5.3
         print(f"This is GPU {global_rank}(G)/{local_rank}(L); args = {args}")
 
-    Wrapper(platform=Platform(device="gpu", n_gpus=4)).start(task, ("example",))
+    def run(*args, **kwargs):                                          # DDPW 5.4, 5.5
+        print(f"GPU {kwargs['global_rank']}(G)/{kwargs['local_rank']}(L); args = {args}")
 
-`Platform` keeps DDPW's argument names and defaults (DDPW 5.x, whose documentation uses
-`n_gpus`) and maps them onto `phalanx.Platform`; `Wrapper` and `wrapper` run on `px.Wrapper`
-and `px.wrapper`; DDPW's utilities (`to`, `get_dataset_sampler`, `optimiser_to`, ...) live
-here too, and `functional` names this module, so `from ddpw import functional as DF` becomes
+    Wrapper(platform=Platform(device="gpu", n_gpus=4)).start(task, ("example",))
+    Wrapper(platform=Platform(device="gpu", n_gpus=4)).start(run, "example")
+
+This covers DDPW 5.0 to 5.5, whose `Platform` has the same fields (`n_gpus`,
+`n_cpus`, `ram`, ...). 5.3 calls `task(global_rank, local_rank, group, args)`; 5.4 and 5.5
+call `task(*args, **kwargs, global_rank=..., local_rank=..., group=..., platform=...)`;
+phalanx reads which one a task expects from its parameters (`calling_convention`). `Platform`
+keeps DDPW's argument names and defaults and maps them onto `phalanx.Platform`; `Wrapper`
+and `wrapper` run on `px.Wrapper` and `px.wrapper`; DDPW's utilities (`to`,
+`get_dataset_sampler`, `set_device`, `optimiser_to`, ...) live here too, and `functional`
+names this module, so `from ddpw import functional as DF` becomes
 `from phalanx.compat.ddpw import functional as DF`. What differs from DDPW, and why, is in
 docs/migration/ddpw.md: CPU runs have `n_gpus` ranks, a failing rank raises instead of
 returning normally, the port is a free one.
@@ -31,18 +39,21 @@ from torch.utils.data import Dataset, DistributedSampler
 
 import phalanx as px
 from phalanx.devices import device_count, is_available, rank_device
+from phalanx.wrapper import calling_convention
 
 __all__ = [
     "Device",
     "Platform",
     "Wrapper",
     "average_params_grads",
+    "calling_convention",
     "device",
     "functional",
     "get_dataset_sampler",
     "has_batch_norm",
     "optimiser_to",
     "seed_generators",
+    "set_device",
     "to",
     "wrapper",
 ]
@@ -232,36 +243,55 @@ def _phalanx_platform(platform: Platform | px.Platform) -> px.Platform:
     return platform if isinstance(platform, px.Platform) else platform.to_phalanx()
 
 
-def _task_in_groups(
-    target: Callable[..., Any], groups: list[list[int]] | None, global_rank: int, local_rank: int, world: Any, args: Any
-) -> Any:
-    """Call the task with the group DDPW would give it: None without IPC, else this rank's own group."""
-    group = None
-    if groups is not None:
-        group = world
-        for ranks in groups:  # new_group is collective: every rank creates every group, in order
-            made = dist.new_group(ranks=list(ranks))
-            if global_rank in ranks:
-                group = made
-    return target(global_rank, local_rank, group, args)
+def _rank_group(groups: list[list[int]] | None) -> Any:
+    """The group DDPW gives this rank's task: None without IPC, else this rank's own group."""
+    if groups is None:
+        return None
+    group = dist.group.WORLD
+    for ranks in groups:  # new_group is collective: every rank creates every group, in order
+        made = dist.new_group(ranks=list(ranks))
+        if px.get_rank() in ranks:
+            group = made
+    return group
+
+
+def _core_wrapper_options(platform: Platform | px.Platform) -> dict[str, Any]:
+    """What `px.Wrapper` and `px.wrapper` need to hand the task DDPW's platform and groups."""
+    groups = getattr(platform, "ipc_groups", [])
+    make_group = None if groups == [] else functools.partial(_rank_group, groups)
+    return {"task_platform": platform, "make_group": make_group}
 
 
 class Wrapper:
-    """DDPW's `Wrapper`: `start(task, args)` calls `task(global_rank, local_rank, process_group, args)` on every rank.
+    """DDPW's `Wrapper`: `start(task, ...)` runs `task` on every rank, called as DDPW 5.3, 5.4 or 5.5 calls it.
+
+    A task with four positional parameters is called as in DDPW 5.3, with `start(task, args)`:
+    `task(global_rank, local_rank, group, args)`. A task that takes `**kwargs`, or parameters
+    named `global_rank`, `local_rank` or `group` elsewhere, is called as in DDPW 5.5, with
+    `start(task, *args, **kwargs)`: `task(*args, **kwargs, global_rank=..., local_rank=...,
+    group=..., platform=...)`, `platform` being this `Platform`. `calling_convention` gives the
+    whole rule; a task that fits neither raises `PhalanxError` before any rank starts.
 
     Runs on `px.Wrapper`; returns every rank's value (DDPW returned None) and raises
     `px.WorkerError` when a rank fails (DDPW returned normally). `platform.upon_finish` is
     called in the caller once every rank has finished.
+
+    Example::
+
+        def train(*args, **kwargs):
+            batch_size, epochs = args
+            return kwargs["global_rank"], kwargs["platform"].world_size
+
+        Wrapper(Platform(device="cpu", n_gpus=2)).start(train, 32, 2)  # [(0, 2), (1, 2)]
     """
 
     def __init__(self, platform: Platform | px.Platform) -> None:
         self.platform = platform
 
-    def start(self, target: Callable[..., Any], args: Any = None) -> list[Any]:
+    def start(self, target: Callable[..., Any], /, *args: Any, **kwargs: Any) -> list[Any]:
         """Run `target` on every rank of the platform; return the values by global rank."""
-        groups = getattr(self.platform, "ipc_groups", [])
-        task = target if groups == [] else functools.partial(_task_in_groups, target, groups)
-        values = px.Wrapper(_phalanx_platform(self.platform)).start(task, args)
+        core = px.Wrapper(_phalanx_platform(self.platform), **_core_wrapper_options(self.platform))
+        values = core.start(target, *args, **kwargs)
         finish = getattr(self.platform, "upon_finish", None)
         if finish is not None:
             finish()
@@ -271,6 +301,11 @@ class Wrapper:
 def wrapper(platform: Platform | px.Platform) -> Callable[[Callable[..., Any]], Callable[..., list[Any]]]:
     """DDPW's decorator: calling the decorated function runs it, with its own arguments, on every rank.
 
+    A function that takes `**kwargs` (DDPW 5.4 and 5.5's `def run(*args, **kwargs)`), or
+    parameters named `global_rank`, `local_rank` or `group`, also gets each of
+    `global_rank`, `local_rank`, `group` and `platform` that it can take; any other function
+    gets only its own arguments, as in DDPW 5.3 (`calling_convention` gives the whole rule).
+
     Example::
 
         @wrapper(Platform(device="cpu", n_gpus=2))
@@ -278,10 +313,16 @@ def wrapper(platform: Platform | px.Platform) -> Callable[[Callable[..., Any]], 
             return a + b
 
         run(1, 2)  # [3, 3]
+
+        @wrapper(Platform(device="cpu", n_gpus=2))
+        def ranked(*args, **kwargs):
+            return args, kwargs["global_rank"]
+
+        ranked("x")  # [(('x',), 0), (('x',), 1)]
     """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., list[Any]]:
-        launched = px.wrapper(_phalanx_platform(platform))(fn)
+        launched = px.wrapper(_phalanx_platform(platform), **_core_wrapper_options(platform))(fn)
         finish = getattr(platform, "upon_finish", None)
         if finish is None:
             return launched
@@ -393,6 +434,30 @@ def device(module: torch.nn.Module) -> torch.device:
     for parameter in module.parameters():
         return parameter.device
     return px.device()
+
+
+def _device_kind(platform: Platform | px.Platform) -> Device:
+    if isinstance(platform, Platform):
+        return Device.from_str(platform.device)
+    device_type = px.device().type if platform.device == "auto" else platform.device
+    return Device.GPU if device_type == "cuda" else Device.CPU
+
+
+def set_device(local_rank: int, platform: Platform | px.Platform) -> None:
+    """DDPW 5.5's `set_device`: make this rank's GPU the current CUDA device; nothing on CPU and MPS.
+
+    The GPU is the one `to` moves to and phalanx computes on, `local_rank % visible GPUs`.
+    phalanx has already made it current in each rank it starts; the call keeps DDPW code as
+    it is. Without a GPU, a GPU or SLURM platform raises `PlatformError`.
+
+    Example::
+
+        def train(*args, **kwargs):
+            set_device(kwargs["local_rank"], kwargs["platform"])
+    """
+    kind = _device_kind(platform)
+    if kind in (Device.GPU, Device.SLURM):
+        torch.cuda.set_device(_target_device(kind, local_rank))
 
 
 # `from ddpw import functional as DF` becomes `from phalanx.compat.ddpw import functional as DF`.
