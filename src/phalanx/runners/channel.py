@@ -2,11 +2,14 @@
 
 Control messages (small dicts of plain values) use the standard pickle; user objects (the
 function, its arguments, return values, exceptions) use cloudpickle so that lambdas, closures
-and functions defined in `__main__` or a notebook cell travel by value.
+and functions defined in `__main__` or a notebook cell travel by value. The call carries the
+source lines of such code with it, so that a rank's traceback shows them
+(see `phalanx.runners.source_lines`).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import socket
@@ -17,9 +20,20 @@ from typing import Any
 import cloudpickle
 
 from phalanx.errors import SerializationError
+from phalanx.runners import source_lines
 from phalanx.runners.shared_tensors import dumps_sharing_tensors
 
-__all__ = ["FrameReader", "decode", "dumps_call", "dumps_value", "encode", "read_frame", "recv_exactly", "write_frame"]
+__all__ = [
+    "FrameReader",
+    "decode",
+    "dumps_call",
+    "dumps_value",
+    "encode",
+    "loads_call",
+    "read_frame",
+    "recv_exactly",
+    "write_frame",
+]
 
 _HEADER = struct.Struct("!Q")
 
@@ -125,9 +139,17 @@ def _describe(value: object) -> str:
 
 
 def dumps_call(fn: Any, args: tuple, kwargs: dict[str, Any]) -> bytes:
-    """Pickle `fn(*args, **kwargs)` for the workers; an unpicklable piece is named in the error."""
+    """Pickle `fn(*args, **kwargs)` for the workers; an unpicklable piece is named in the error.
+
+    The payload is the call's length, the call, then the source lines a rank cannot read
+    itself (a notebook cell's, the `__main__` script's), if any: the lines are known only
+    once the call is pickled, and the rank needs them before it unpickles the call.
+    """
+    buffer = io.BytesIO()
+    buffer.write(_HEADER.pack(0))
     try:
-        return cloudpickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        pickler = source_lines.CallPickler(buffer)
+        pickler.dump((fn, args, kwargs))
     except Exception as error:
         pieces = [("the function", fn)]
         pieces += [(f"positional argument {index}", value) for index, value in enumerate(args)]
@@ -142,11 +164,27 @@ def dumps_call(fn: Any, args: tuple, kwargs: dict[str, Any]) -> bytes:
                     "(for example a path or the arguments to build it inside the function)."
                 ) from piece_error
         raise SerializationError(f"the call cannot be pickled: {type(error).__name__}: {error}") from error
+    call_size = buffer.tell() - _HEADER.size
+    sources = source_lines.sources_for(pickler.file_names)
+    if sources:
+        pickle.dump(sources, buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    buffer.seek(0)
+    buffer.write(_HEADER.pack(call_size))
+    return buffer.getvalue()
 
 
-def loads_call(payload: bytes) -> tuple[Any, tuple, dict[str, Any]]:
-    """The `(fn, args, kwargs)` that `dumps_call` pickled (in a rank: it imports what they need)."""
-    return cloudpickle.loads(payload)
+def loads_call(payload: bytes | bytearray) -> tuple[Any, tuple, dict[str, Any]]:
+    """The `(fn, args, kwargs)` that `dumps_call` pickled (in a rank: it imports what they need).
+
+    The source lines that came with it go into this process's `linecache` first, so that a
+    traceback of the call, even one raised while it is unpickled, shows them.
+    """
+    view = memoryview(payload)  # slices of it are not copies: a call can carry large arguments
+    (call_size,) = _HEADER.unpack_from(view)
+    call_end = _HEADER.size + call_size
+    if len(view) > call_end:
+        source_lines.install(pickle.loads(view[call_end:]))
+    return cloudpickle.loads(view[_HEADER.size : call_end])
 
 
 def dumps_value(value: Any, what: str, shared_prefix: str | None = None) -> bytes:
