@@ -1,6 +1,7 @@
 """The `phalanx` command: `phalanx run` starts a script on N ranks, `phalanx env` reports the setup.
 
 phalanx run --nproc-per-node 2 train.py --epochs 3
+phalanx run --standalone --nproc-per-node 4 train.py    # torchrun's command line: scripts for torchrun run unchanged
 phalanx run --device gpu --distributed -m mypackage.train    # one rank per visible GPU
 phalanx env
 phalanx secret          # a new job secret, for PHALANX_JOB_SECRET on every node of one job
@@ -9,28 +10,52 @@ phalanx secret          # a new job secret, for PHALANX_JOB_SECRET on every node
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import functools
 import os
 import platform as python_platform
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from types import FrameType
 
 import torch
 import torch.distributed as dist
 
 import phalanx
 from phalanx import variables
-from phalanx.arguments import add_platform_arguments
+from phalanx.arguments import (
+    OptionError,
+    add_platform_arguments,
+    add_torchrun_arguments,
+    check_torchrun_options,
+    torchrun_environment_defaults,
+)
 from phalanx.devices import available_device_types, usable_cores
 from phalanx.environment import detect_environment
-from phalanx.errors import PhalanxError, WorkerError
+from phalanx.errors import LaunchError, PhalanxError, WorkerError
 from phalanx.job_secret import new_secret
-from phalanx.launch import launch
-from phalanx.platform import Platform
+from phalanx.launch import run_job
+from phalanx.platform import Platform, RankLogs
+from phalanx.runners.output import new_run_folder
+from phalanx.signals import FORWARDED_SIGNALS, exit_code_for, signal_of, stop_signals_raise
 
-__all__ = ["add_platform_arguments", "main", "platform_from_args"]
+__all__ = ["add_platform_arguments", "build_parser", "main", "platform_from_args"]
+
+# torchrun's notice when it sets OMP_NUM_THREADS for the workers (torch/distributed/run.py).
+_OMP_NOTICE = (
+    "\n*****************************************\n"
+    "Setting OMP_NUM_THREADS environment variable for each process to be 1 in default, to avoid your system "
+    "being overloaded, please further tune the variable for optimal performance in your application as needed. "
+    "\n*****************************************"
+)
+SIGNALS_TO_HANDLE = variables.TORCHELASTIC_SIGNALS_TO_HANDLE  # torchrun's agent sets it in its own environment
 
 
 def platform_from_args(args: argparse.Namespace) -> Platform:
@@ -38,12 +63,18 @@ def platform_from_args(args: argparse.Namespace) -> Platform:
     return Platform.from_args(args)
 
 
-def _run_main(target: str, is_module: bool, argv: list[str]) -> None:
-    """In a rank: run the script (or module) as `__main__`, as `python script.py` would."""
+def _run_main(target: str, mode: str, argv: list[str]) -> None:
+    """In a rank: run the script, module or executable (`mode`) as `python script.py` (or the shell) would."""
     os.environ[variables.RUN] = "1"
-    sys.argv = [target, *argv]
     try:
-        if is_module:
+        if mode == "executable":
+            # The rank's environment, descriptors and process group: its stop signal reaches this too.
+            completed = subprocess.run([target, *argv])
+            if completed.returncode != 0:
+                raise subprocess.CalledProcessError(completed.returncode, [target, *argv])
+            return
+        sys.argv = [target, *argv]
+        if mode == "module":
             runpy.run_module(target, run_name="__main__", alter_sys=True)
         else:
             sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
@@ -51,32 +82,126 @@ def _run_main(target: str, is_module: bool, argv: list[str]) -> None:
     except SystemExit as done:
         if done.code not in (None, 0):
             raise
+    except KeyboardInterrupt:
+        _end_by_signal(signal.SIGINT)
 
 
-def _run(args: argparse.Namespace) -> int:
-    if args.module is None and not args.script:
-        print("phalanx run: error: give a script (train.py) or a module (-m package.module)", file=sys.stderr)
+def _end_by_signal(signum: int) -> None:
+    """End as Python ends on an uncaught Ctrl-C: killed by the signal, so the caller sees which.
+
+    phalanx run forwards SIGINT to the ranks; a rank that ends so was stopped, it did not fail.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    raise KeyboardInterrupt  # not reached: the signal ends the process
+
+
+def _note_signal(received: list[int], handler, signum: int, frame: FrameType | None) -> None:
+    received.append(signum)
+    handler(signum, frame)
+
+
+@contextlib.contextmanager
+def _stop_signals_noted() -> Iterator[list[int]]:
+    """`stop_signals_raise()`, keeping the signals that came (a rank may fail on one instead of stopping)."""
+    received: list[int] = []
+    with stop_signals_raise():
+        if threading.current_thread() is threading.main_thread():
+            for signum in FORWARDED_SIGNALS:
+                signal.signal(signum, functools.partial(_note_signal, received, signal.getsignal(signum)))
+        yield received
+
+
+def _target(args: argparse.Namespace) -> tuple[str, str, list[str]] | str:
+    """The target, how it runs ("script", "module" or "executable") and its arguments; or what is wrong."""
+    if not args.script:
+        return "give a script (train.py) or a module (-m package.module)"
+    target, argv = args.script[0], args.script[1:]
+    if args.module:
+        return target, "module", argv
+    if args.no_python and not args.run_path:  # torchrun: --run-path wins over --no-python
+        if shutil.which(target) is None:
+            return f"no such executable: {target} (a path, or a command on PATH)"
+        return target, "executable", argv
+    if not os.path.isfile(target):
+        return f"no such script: {target}"
+    return target, "script", argv
+
+
+def _rank_logs(args: argparse.Namespace, run_id: str) -> RankLogs:
+    """torchrun's log options as `Platform.rank_logs`, with the run's folder made now when files are asked for."""
+    files = args.log_dir is not None or args.redirects != "0" or args.tee != "0"
+    return RankLogs(
+        folder=new_run_folder(args.log_dir, run_id) if files else None,
+        redirects=args.redirects,
+        tee=args.tee,
+        console_ranks=args.local_ranks_filter,
+        stdout_filters=args.duplicate_stdout_filters,
+        stderr_filters=args.duplicate_stderr_filters,
+    )
+
+
+def _starts_ranks_here(platform: Platform) -> bool:
+    """Whether phalanx starts the ranks on this machine (not SLURM, not a launcher's processes)."""
+    return platform.cluster == "local" or (platform.cluster == "auto" and detect_environment() is None)
+
+
+def _run(args: argparse.Namespace, run_parser: argparse.ArgumentParser) -> int:
+    found = _target(args)
+    if isinstance(found, str):
+        print(f"phalanx run: error: {found}", file=sys.stderr)
         return 2
-    if args.module is not None:
-        target, is_module, argv = args.module, True, args.script
-    else:
-        target, is_module, argv = args.script[0], False, args.script[1:]
-        if not os.path.isfile(target):
-            print(f"phalanx run: error: no such script: {target}", file=sys.stderr)
-            return 2
+    target, mode, argv = found
     try:
+        check_torchrun_options(args)
         platform = platform_from_args(args)
-        launch(_run_main, target, is_module, argv, platform=platform)
-    except WorkerError as error:
+        run_id = str(uuid.uuid4()) if args.standalone else args.rdzv_id  # torchrun's --standalone does so
+        platform = dataclasses.replace(platform, rank_logs=_rank_logs(args, run_id))
+        rank_variables = {SIGNALS_TO_HANDLE: args.signals_to_handle}
+        if (
+            variables.OMP_NUM_THREADS not in os.environ
+            and _starts_ranks_here(platform)
+            and platform.resolve().n_procs > 1
+        ):
+            print(_OMP_NOTICE, file=sys.stderr, flush=True)  # torchrun's notice, and its choice
+            rank_variables[variables.OMP_NUM_THREADS] = "1"
+    except OptionError as error:
+        run_parser.error(str(error))
+    except PhalanxError as error:
+        print(f"phalanx run: error: {error}", file=sys.stderr)
+        return 2
+    received: list[int] = []
+    try:
+        with _stop_signals_noted() as received:
+            run_job(
+                _run_main,
+                (target, mode, argv),
+                {},
+                platform,
+                rank_variables=rank_variables,
+                torchrun_style=True,
+                role=args.role,
+                run_id=run_id,
+            )
+    except KeyboardInterrupt as interruption:
+        return _stopped(signal_of(interruption))
+    except (WorkerError, LaunchError) as error:
+        if received:  # a rank that handles the signal itself may fail on it: the signal is what happened
+            return _stopped(received[0])
         print(f"phalanx run: {error}", file=sys.stderr)
         return 1
     except PhalanxError as error:
         print(f"phalanx run: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("phalanx run: interrupted; every rank was stopped", file=sys.stderr)
-        return 130
     return 0
+
+
+def _stopped(signum: int) -> int:
+    print(f"phalanx run: received {signal.Signals(signum).name}; every rank was stopped", file=sys.stderr)
+    return exit_code_for(signum)
 
 
 def _command_version(command: list[str]) -> str:
@@ -116,21 +241,38 @@ def environment_report() -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser: an option it does not know is reported under its own usage, not phalanx's."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
+def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(prog="phalanx", description="Run a PyTorch script on N ranks, anywhere.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,env,secret}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{run,env,secret}", parser_class=_CommandParser
+    )
     run = commands.add_parser(
         "run",
         help="run a script or module on every rank",
-        description="Run a script's __main__ (or a module's, with -m) on every rank, with the process group "
-        "set up and phalanx's helpers working; exits non-zero with the failing rank's traceback.",
-        usage="phalanx run [options] (script.py | -m module) [script arguments]",
+        description="Run a script's __main__ (or a module's, with -m) on every rank, as torchrun does: with "
+        "torchrun's variables set and its command line, so that scripts written for torchrun run unchanged; "
+        "phalanx's helpers work too. Exits non-zero with the failing rank's traceback, and with 128 + n "
+        "after signal n (SIGTERM, SIGINT, SIGHUP), which every rank gets too.",
+        usage="phalanx run [options] (script.py | -m module | --no-python executable) [script arguments]",
     )
     add_platform_arguments(run)
-    run.add_argument("--no-prefix", action="store_true", help="do not prefix rank output with [rank k]")
-    run.add_argument("--quiet", action="store_true", help="do not show the ranks' output")
-    run.add_argument("-m", dest="module", default=None, metavar="module", help="run a module as __main__")
-    run.add_argument("script", nargs=argparse.REMAINDER, help="the script and its arguments")
+    add_torchrun_arguments(run)
+    own = run.add_argument_group("phalanx run's own options")
+    own.add_argument("--no-prefix", action="store_true", help="do not prefix rank output with [rank k]")
+    own.add_argument("--quiet", action="store_true", help="do not show the ranks' output")
+    run.add_argument("script", nargs=argparse.REMAINDER, help="the script (or module) and its arguments")
+    run.set_defaults(node_rank=None)  # given or not: torchrun's c10d numbers the nodes itself
+    torchrun_environment_defaults(run, os.environ)
     commands.add_parser("env", help="print versions, devices, backends and the detected cluster")
     commands.add_parser(
         "secret",
@@ -139,19 +281,25 @@ def build_parser() -> argparse.ArgumentParser:
         "`export PHALANX_JOB_SECRET=$(phalanx secret)` before starting the nodes. Everything the job's store "
         "carries is signed with it.",
     )
-    return parser
+    return parser, run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `phalanx` command's parser (`run`, `env`, `secret`)."""
+    return _build_parsers()[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `phalanx` command."""
-    args = build_parser().parse_args(argv)
+    parser, run_parser = _build_parsers()
+    args = parser.parse_args(argv)
     if args.command == "env":
         print(environment_report())
         return 0
     if args.command == "secret":
         print(new_secret().hex())
         return 0
-    return _run(args)
+    return _run(args, run_parser)
 
 
 if __name__ == "__main__":

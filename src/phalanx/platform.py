@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from phalanx.arguments import platform_keywords
+from phalanx.arguments import platform_keywords, stream_bits, valid_streams
 from phalanx.devices import (
     BACKEND_DEVICES,
     DEFAULT_BACKENDS,
@@ -35,7 +36,7 @@ from phalanx.devices import (
 from phalanx.environment import Environment
 from phalanx.errors import PlatformError
 
-__all__ = ["Platform", "SlurmOptions", "available_device_types", "default_device_type"]
+__all__ = ["Platform", "RankLogs", "SlurmOptions", "available_device_types", "default_device_type"]
 
 CLUSTERS = ("auto", "local", "env", "slurm")
 # SLURM's time formats: minutes, MM:SS, HH:MM:SS, and with days D-HH, D-HH:MM, D-HH:MM:SS.
@@ -151,6 +152,87 @@ def _merge_slurm(slurm: object, given: dict[str, Any]) -> object:
     return dataclasses.replace(slurm, **given)
 
 
+_STDOUT, _STDERR = 1, 2  # torchrun's Std bits, as --redirects and --tee give them
+
+
+@dataclass(frozen=True)
+class RankLogs:
+    """Where each rank's output goes besides the console: torchrun's --log-dir, --redirects, --tee.
+
+    `folder` is the run's folder: each start of the ranks writes `attempt_<n>/<local rank>/`
+    there, with `stdout.log` and `stderr.log` for the streams that go to files, as torchrun lays
+    them out (`phalanx run --log-dir` makes it as torchrun does: `<log_dir>/<run_id>_<random>`).
+    `redirects` and `tee` are torchrun's forms: "0" none, "1" stdout, "2" stderr, "3" both, or
+    per local rank, "0:3,1:1". A redirected stream goes to its file only, a tee'd one to the
+    file and the console. `console_ranks` (torchrun's --local-ranks-filter) are the local ranks
+    whose output the console shows (None: all; the files keep every rank's). Tee'd lines that
+    contain one of `stdout_filters` (`stderr_filters`) are copied to
+    `attempt_<n>/filtered_stdout.log` (`filtered_stderr.log`).
+
+    Example::
+
+        Platform(device="cpu", n_procs=2, rank_logs=RankLogs("logs/run-1", tee="3"))
+    """
+
+    folder: str | None = None
+    redirects: str = "0"
+    tee: str = "0"
+    console_ranks: tuple[int, ...] | None = None
+    stdout_filters: tuple[str, ...] = ()
+    stderr_filters: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.folder is not None and (not isinstance(self.folder, (str, os.PathLike)) or not str(self.folder)):
+            raise PlatformError("folder", self.folder, "it must be a folder's path, or None", owner="RankLogs")
+        if self.folder is not None:
+            object.__setattr__(self, "folder", os.fspath(self.folder))
+        for name in ("redirects", "tee"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not valid_streams(value):
+                raise PlatformError(
+                    name, value, "it must be torchrun's form: '0', '1' (stdout), '2' (stderr), '3' (both), or per "
+                    "local rank, such as '0:3,1:1'", owner="RankLogs",
+                )  # fmt: skip
+        if self.folder is None and (self.redirects != "0" or self.tee != "0"):
+            raise PlatformError(
+                "folder", None, f"redirects={self.redirects!r} and tee={self.tee!r} write files, in a folder",
+                "Give folder=..., the run's log folder.", owner="RankLogs",
+            )  # fmt: skip
+        if self.console_ranks is not None:
+            ranks = tuple(self.console_ranks) if not isinstance(self.console_ranks, (str, bytes)) else ()
+            if not ranks or not all(_is_count(rank) and rank >= 0 for rank in ranks):
+                raise PlatformError(
+                    "console_ranks", self.console_ranks, "it must be local ranks (whole numbers >= 0), or None",
+                    owner="RankLogs",
+                )  # fmt: skip
+            object.__setattr__(self, "console_ranks", ranks)
+        for name in ("stdout_filters", "stderr_filters"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(item, str) and item for item in value):
+                raise PlatformError(name, value, "it must be a tuple of non-empty strings", owner="RankLogs")
+            object.__setattr__(self, name, tuple(value))
+
+    def to_file(self, local_rank: int, stream: str) -> bool:
+        """Whether this local rank's stream (`"stdout"` or `"stderr"`) is written to its log file."""
+        bit = _STDOUT if stream == "stdout" else _STDERR
+        return bool((stream_bits(self.redirects, local_rank) | stream_bits(self.tee, local_rank)) & bit)
+
+    def to_console(self, local_rank: int, stream: str) -> bool:
+        """Whether the console shows this local rank's stream: not redirected only, and not filtered out."""
+        bit = _STDOUT if stream == "stdout" else _STDERR
+        redirected_only = stream_bits(self.redirects, local_rank) & ~stream_bits(self.tee, local_rank) & bit
+        return not redirected_only and (self.console_ranks is None or local_rank in self.console_ranks)
+
+    def line_filters(self, local_rank: int, stream: str) -> tuple[str, ...]:
+        """The filters whose lines are copied to the attempt's filtered file (tee'd streams shown on the console)."""
+        bit = _STDOUT if stream == "stdout" else _STDERR
+        if self.folder is None or not stream_bits(self.tee, local_rank) & bit:
+            return ()
+        if self.console_ranks is not None and local_rank not in self.console_ranks:
+            return ()
+        return self.stdout_filters if stream == "stdout" else self.stderr_filters
+
+
 def _slurm_option_property(name: str) -> property:
     return property(
         lambda platform: getattr(platform.slurm, name),
@@ -168,6 +250,8 @@ class Platform:
     What `cluster="slurm"` asks of SLURM is in `slurm`, a `SlurmOptions`; its fields are also
     taken by their own names, DDPW's (`partition`, `time`, `ram`, `account`, `qos`,
     `slurm_additional_parameters`, `requeue`), and read back the same way (`platform.partition`).
+    Where each rank's output goes besides the console (torchrun's log files) is `rank_logs`, a
+    `RankLogs`.
 
     Example::
 
@@ -191,6 +275,7 @@ class Platform:
     cluster: str = "auto"
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
     log_dir: str = "phalanx_logs"
+    rank_logs: RankLogs = field(default_factory=RankLogs)
     console_logs: bool = True
     rank_prefix: bool = True
     connect_timeout: float | timedelta = 30.0
@@ -352,6 +437,10 @@ class Platform:
         for name in ("console_logs", "rank_prefix"):
             if not isinstance(getattr(self, name), bool):
                 raise PlatformError(name, getattr(self, name), "it must be True or False")
+        if not isinstance(self.rank_logs, RankLogs):
+            raise PlatformError(
+                "rank_logs", self.rank_logs, "it must be a phalanx.platform.RankLogs, such as RankLogs('logs', tee='3')"
+            )
         if not isinstance(self.slurm, SlurmOptions):
             raise PlatformError(
                 "slurm", self.slurm, "it must be a phalanx.SlurmOptions, such as SlurmOptions(partition='gpu')"

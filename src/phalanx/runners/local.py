@@ -32,7 +32,7 @@ from phalanx.runners.hangs import looks_like_timeout
 from phalanx.runners.output import RankOutput, rank_outputs
 from phalanx.runners.processes import SIGNAL_GRACE_SECONDS, STOP_GRACE_SECONDS, ProcessSet, Worker
 from phalanx.runners.shared_tensors import remove_shared_files
-from phalanx.signals import signal_of
+from phalanx.signals import StopSignal, signal_of
 
 __all__ = ["LocalJob", "LocalRunner", "collect_values"]
 
@@ -239,7 +239,10 @@ class LocalRunner:
                     # Ctrl-C, or SIGTERM / SIGHUP (phalanx.signals): the ranks get the same signal.
                     local_job.stop(signal_of(interruption), SIGNAL_GRACE_SECONDS)
                     local_job.wait()
-                    if not local_job.failures:
+                    # A stop signal ends the job even when a rank failed on it (its handler
+                    # exited): that failure must not be restarted. Ctrl-C after a rank's own
+                    # failure (the caller's rank interrupted) reports that failure.
+                    if not local_job.failures or isinstance(interruption, StopSignal):
                         raise
                 internal_error = local_job.processes.internal_error
                 if internal_error is not None:
