@@ -54,10 +54,12 @@ _HANG_SECONDS = 120
 
 
 def _time(command: list[str]) -> float | None:
+    """Wall time of one whole command; None if it hung or failed (torch 2.13's gloo workers abort
+    at exit now and then under torchrun: such a run is counted and left out of the median)."""
     start = time.perf_counter()
     try:
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=_HANG_SECONDS)
-    except subprocess.TimeoutExpired:
+    except (subprocess.TimeoutExpired, subprocess.CalledProcessError):
         return None
     return time.perf_counter() - start
 
@@ -78,7 +80,7 @@ def compare(ranks: int, rounds: int, script: str) -> dict[str, float]:
         for name, command in commands.items():
             elapsed = _time(command)
             if elapsed is None:
-                print(f"{name}, {ranks} ranks: a run hung and was killed after {_HANG_SECONDS} s")
+                print(f"{name}, {ranks} ranks: a run failed or hung (left out of the median)")
             else:
                 samples[name].append(elapsed)
     return {name: statistics.median(times) for name, times in samples.items()}
