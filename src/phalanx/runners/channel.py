@@ -179,6 +179,8 @@ def loads_call(payload: bytes | bytearray) -> tuple[Any, tuple, dict[str, Any]]:
     The source lines that came with it go into this process's `linecache` first, so that a
     traceback of the call, even one raised while it is unpickled, shows them.
     """
+    # Trusted bytes: the caller's own, through the zygote's private socket pair and pipes, or a
+    # SLURM task in the job's 0700 folder (check_trusted_folder runs before submitit reads it).
     view = memoryview(payload)  # slices of it are not copies: a call can carry large arguments
     (call_size,) = _HEADER.unpack_from(view)
     call_end = _HEADER.size + call_size
